@@ -1,0 +1,205 @@
+"""Step-time and peak-memory ratio of MK training vs the plain baseline, measured side by side.
+
+Run:  python bench/step_overhead.py [--device cuda] [--quick] [--out results/bench/step_overhead_cpu.md]
+
+For each configuration the baseline and the MK model (same architecture, same data) are timed in
+interleaved blocks (baseline block, MK block, repeated), so machine noise hits both alike; the
+reported ratio is the median over blocks of MK time / baseline time. Peak memory: on CUDA
+``max_memory_allocated``; on CPU the peak RSS of a fresh child process that trains the variant,
+minus the peak RSS of an identical child that builds everything but does not train.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import mkopt  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    model: str
+    optimizer: str
+    batch: int
+    e: int = 3
+
+
+def mlp(hidden: list[int]) -> nn.Module:
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = 3072
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    layers.append(nn.Linear(width, 10))
+    return nn.Sequential(*layers)
+
+
+def small_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * 8 * 8, 128), nn.ReLU(), nn.Linear(128, 10),
+    )  # fmt: skip
+
+
+def build_model(name: str) -> nn.Module:
+    if name.startswith("mlp"):
+        return mlp([int(h) for h in name[3:].split("-")])
+    if name == "cnn":
+        return small_cnn()
+    if name == "resnet18":
+        import torchvision
+
+        return torchvision.models.resnet18(num_classes=10)
+    raise ValueError(name)
+
+
+def build_optimizer(kind: str, model: nn.Module, mk_e: int | None):
+    cls, kwargs = {
+        "adam": (torch.optim.Adam, {"lr": 1e-3}),
+        "adam-fused": (torch.optim.Adam, {"lr": 1e-3, "fused": True}),
+        "sgd": (torch.optim.SGD, {"lr": 0.025, "momentum": 0.9}),
+    }[kind]
+    if mk_e is None:
+        return cls(model.parameters(), **kwargs)
+    return mkopt.MKOptimizer(cls, model, e=mk_e, **kwargs)
+
+
+def setup(config: Config, mk: bool, device: str):
+    torch.manual_seed(0)
+    model = build_model(config.model).to(device)
+    if device == "cuda" and config.model in ("cnn", "resnet18"):
+        model = model.to(memory_format=torch.channels_last)
+    opt = build_optimizer(config.optimizer, model, config.e if mk else None)
+    x = torch.randn(config.batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (config.batch,), device=device)
+    return model, opt, x, y
+
+
+def train_step(model, opt, x, y) -> None:
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ratio(config: Config, device: str, blocks: int, steps: int) -> tuple[float, float, float]:
+    runs = {mk: setup(config, mk, device) for mk in (False, True)}
+    for mk in (False, True):
+        for _ in range(3):
+            train_step(*runs[mk])
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(blocks):
+        for mk in (False, True):
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                train_step(*runs[mk])
+            sync(device)
+            times[mk].append((time.perf_counter() - start) / steps)
+    ratios = [m / b for b, m in zip(times[False], times[True])]
+    return statistics.median(times[False]), statistics.median(times[True]), statistics.median(ratios)
+
+
+def _child_peak(config: Config, variant: str, device: str, queue) -> None:
+    torch.set_num_threads(torch.get_num_threads())
+    model, opt, x, y = setup(config, variant == "mk", device)
+    if variant != "idle":
+        for _ in range(3):
+            train_step(model, opt, x, y)
+    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def peak_memory_ratio(config: Config, device: str) -> tuple[float, float, float]:
+    if device == "cuda":
+        peaks = {}
+        for mk in (False, True):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            run = setup(config, mk, device)
+            for _ in range(3):
+                train_step(*run)
+            sync(device)
+            peaks[mk] = torch.cuda.max_memory_allocated()
+            del run
+        return peaks[False] / 2**20, peaks[True] / 2**20, peaks[True] / peaks[False]
+    ctx = mp.get_context("spawn")
+    peaks = {}
+    for variant in ("idle", "base", "mk"):
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_child_peak, args=(config, variant, device, queue))
+        proc.start()
+        peaks[variant] = queue.get()
+        proc.join()
+    base, mk = peaks["base"] - peaks["idle"], peaks["mk"] - peaks["idle"]
+    return base / 2**20, mk / 2**20, mk / base
+
+
+def configs(quick: bool) -> list[Config]:
+    mlps = ["mlp100", "mlp200-100", "mlp400-200-100"]
+    out = [Config(f"MLP {m[3:]}", m, opt, 256) for m in mlps for opt in ("adam", "sgd")]
+    out.append(Config("MLP 400-200-100", "mlp400-200-100", "adam-fused", 256))
+    out += [Config("small CNN", "cnn", "sgd", 64), Config("ResNet-18 32x32", "resnet18", "sgd", 64)]
+    out += [Config("MLP 400-200-100", "mlp400-200-100", "adam", 256, e) for e in (2, 4, 8)]
+    if quick:
+        out = [c for c in out if c.model == "mlp400-200-100" and c.optimizer == "adam" and c.e == 3]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help="only the [400,200,100] MLP with Adam")
+    parser.add_argument("--blocks", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--out", type=Path, help="also write the table (markdown) here")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible to torch")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    machine = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    header = [
+        f"# step_overhead: MK(e) / baseline, measured side by side",
+        "",
+        f"command: `python bench/step_overhead.py {' '.join(sys.argv[1:])}`  ",
+        f"commit: {commit}, torch {torch.__version__}, device: {args.device} ({machine}), "
+        f"{args.blocks} interleaved blocks x {args.steps} steps, median ratio",
+        "",
+        "| model | optimizer | batch | e | base ms/step | MK ms/step | time ratio | base peak MiB | MK peak MiB | memory ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    print("\n".join(header), flush=True)
+    rows = []
+    for config in configs(args.quick):
+        base_t, mk_t, ratio = time_ratio(config, args.device, args.blocks, args.steps)
+        mem = ("-", "-", "-") if args.no_memory else tuple(f"{v:.1f}" if i < 2 else f"{v:.2f}x" for i, v in enumerate(peak_memory_ratio(config, args.device)))
+        row = f"| {config.name} | {config.optimizer} | {config.batch} | {config.e} | {base_t * 1e3:.1f} | {mk_t * 1e3:.1f} | **{ratio:.2f}x** | {mem[0]} | {mem[1]} | {mem[2]} |"
+        rows.append(row)
+        print(row, flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("\n".join(header + rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""mkopt: simulated overparameterization with Majority Kernels (train as if e times larger, deploy at size).
+
+Example:
+    >>> import torch, mkopt
+    >>> model = torch.nn.Linear(4, 2)
+    >>> opt = mkopt.MKOptimizer(torch.optim.SGD, model, e=3, lr=0.1)
+    >>> mkopt.deploy(model).weight.shape
+    torch.Size([2, 4])
+"""
+
+from .deploy import collapse, collapse_state_dict, deploy
+from .expand import Expansion, expand, expansion_of, is_expanded
+from .optimizer import MKOptimizer
+from .parametrization import MajorityKernel, mean_of_copies, mix_copies
+from .sampling import DirichletSampler, fill_dirichlet_
+from .targets import is_default_kernel, select_targets
+
+__all__ = [
+    "MKOptimizer",
+    "deploy",
+    "collapse",
+    "collapse_state_dict",
+    "expand",
+    "expansion_of",
+    "is_expanded",
+    "Expansion",
+    "MajorityKernel",
+    "mix_copies",
+    "mean_of_copies",
+    "DirichletSampler",
+    "fill_dirichlet_",
+    "select_targets",
+    "is_default_kernel",
+]
+__version__ = "0.1.0"

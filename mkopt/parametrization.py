@@ -1,0 +1,103 @@
+"""The Majority-Kernels parametrization: ``module.W`` computed from its ``e`` stacked copies.
+
+Training mode: ``W = sum_k p[k] * W~[k]`` with the step's per-element Dirichlet ``p`` (Eq. 4.2).
+Eval mode: ``W = mean_k W~[k]``, the deployable kernel. The mode follows ``module.train()/eval()``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+class _MixCopies(torch.autograd.Function):
+    """``sum_k p[k] * stacked[k]`` with a backward that never materializes more than ``p * grad``.
+
+    ``p`` is saved for backward, so redrawing it in place before backward raises autograd's
+    version-counter error instead of silently using the wrong probabilities.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, stacked: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(p, stacked if p.requires_grad else None)
+        out = torch.mul(p[0], stacked[0])
+        for k in range(1, stacked.shape[0]):  # e fused multiply-adds, no [e, ...] temporary
+            out.addcmul_(p[k], stacked[k])
+        return out.to(stacked.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        p, stacked = ctx.saved_tensors
+        grad_stacked = grad_p = None
+        if ctx.needs_input_grad[0]:
+            grad_stacked = (p * grad.unsqueeze(0)).to(grad.dtype)  # dL/dW~[k] = p[k] * dL/dW
+        if ctx.needs_input_grad[1]:
+            grad_p = (stacked * grad.unsqueeze(0)).to(p.dtype)  # dL/dp[k] = W~[k] * dL/dW
+        return grad_stacked, grad_p
+
+
+def mix_copies(stacked: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``sum_k p[k] * stacked[k]`` (differentiable in both).
+
+    Example:
+        >>> mix_copies(torch.ones(3, 2), torch.full((3, 2), 1 / 3))
+        tensor([1., 1.])
+    """
+    return _MixCopies.apply(stacked, p)
+
+
+def mean_of_copies(stacked: torch.Tensor) -> torch.Tensor:
+    """The deployable kernel: the plain mean over copies, accumulated in float32 for fp16/bf16."""
+    if stacked.dtype in _LOW_PRECISION:
+        return stacked.mean(0, dtype=torch.float32).to(stacked.dtype)
+    return stacked.mean(0)
+
+
+class MajorityKernel(nn.Module):
+    """Parametrization turning a ``[e, *shape]`` stack into the ``[*shape]`` tensor a module reads.
+
+    Registered by :func:`mkopt.expand`; users rarely build one. ``p`` is a view into the sampler's
+    flat buffer, refilled once per optimizer step. ``right_inverse`` builds the stack at
+    registration (``init`` copies); a ``tied`` instance (second owner of a shared tensor) receives
+    the already expanded stack and passes it through unchanged.
+
+    Example:
+        >>> lin = nn.Linear(2, 2)
+        >>> mk = MajorityKernel(e=3, p=torch.full((3, 2, 2), 1 / 3), copies=lambda w: w.expand(3, -1, -1).clone())
+        >>> torch.nn.utils.parametrize.register_parametrization(lin, "weight", mk)  # doctest: +ELLIPSIS
+        ParametrizedLinear(...)
+        >>> tuple(lin.parametrizations.weight.original.shape)
+        (3, 2, 2)
+    """
+
+    def __init__(self, e: int, p: torch.Tensor, copies: Any = None, tied: bool = False) -> None:
+        super().__init__()
+        self.e = e
+        self.p = p  # plain attribute, not a buffer: it must stay a view of the flat buffer
+        self._copies = copies
+        self.tied = tied
+
+    def forward(self, stacked: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return mean_of_copies(stacked)
+        if self.p.device != stacked.device:
+            raise RuntimeError(
+                f"MK probabilities live on {self.p.device} but the weight is on {stacked.device}: "
+                "move the model to its device before building MKOptimizer, or rebuild it after moving"
+            )
+        return mix_copies(stacked, self.p)
+
+    @torch.no_grad()
+    def right_inverse(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.tied:
+            return tensor  # already the shared [e, *shape] stack
+        stacked = self._copies(tensor)
+        self._copies = None  # the init closure may hold module copies: drop them
+        return stacked
+
+    def extra_repr(self) -> str:
+        return f"e={self.e}" + (", tied" if self.tied else "")
