@@ -89,7 +89,7 @@ def collapse_state_dict(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[
         ['0.weight', '0.bias']
     """
     collapsed: OrderedDict[str, torch.Tensor] = OrderedDict()
-    means: dict[int, torch.Tensor] = {}
+    means: dict[tuple, torch.Tensor] = {}
     found = False
     for key, value in state_dict.items():
         match = _STACKED_KEY.match(key)
@@ -97,9 +97,10 @@ def collapse_state_dict(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[
             collapsed[key] = value
             continue
         found = True
-        if id(value) not in means:
-            means[id(value)] = mean_of_copies(value.detach())
-        collapsed[match["prefix"] + match["attr"]] = means[id(value)]
+        identity = _storage_identity(value)  # state_dict() detaches: ties share storage, not objects
+        if identity not in means:
+            means[identity] = mean_of_copies(value.detach())
+        collapsed[match["prefix"] + match["attr"]] = means[identity]
     if not found:
         raise ValueError("state_dict has no '...parametrizations.<name>.original' entries: it is not an expanded mkopt checkpoint")
     metadata = getattr(state_dict, "_metadata", {}) or {}
@@ -134,3 +135,7 @@ def _own_parametrized_class(module: nn.Module) -> None:
     namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
     namespace["_mkopt_private"] = True
     module.__class__ = type(cls.__name__, cls.__bases__, namespace)
+
+
+def _storage_identity(tensor: torch.Tensor) -> tuple:
+    return (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))

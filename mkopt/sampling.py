@@ -111,6 +111,7 @@ class DirichletSampler:
         self._sizes: dict[BufferKey, int] = {}
         self._pending: list[tuple[BufferKey, int, torch.Size, torch.Tensor]] = []
         self.buffers: dict[BufferKey, torch.Tensor] = {}
+        self.views: list[torch.Tensor] = []
         self.step: int | None = None
 
     def allocate(self, device: torch.device, dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
@@ -133,6 +134,7 @@ class DirichletSampler:
             view = flat[:, offset : offset + shape.numel()].view(self.e, *shape)
             with torch.no_grad():
                 holder.set_(view)  # the parametrization's tensor now aliases the flat buffer
+            self.views.append(holder)
         self._pending.clear()
 
     def draw(self, step: int) -> None:
@@ -144,6 +146,9 @@ class DirichletSampler:
                 self._draw_cpu(flat, step, stream)
             else:  # one launch; GPU generators are parallel already
                 fill_dirichlet_(flat, torch.Generator(device=key.device).manual_seed(step_seed(self.seed, step, stream)))
+        # set_() aliases give each view its own version counter (and NumPy writes bump none): bump
+        # them, so autograd refuses a backward through a graph built with the previous p.
+        torch.autograd.graph.increment_version(self.views)
         self.step = step
 
     def _draw_cpu(self, flat: torch.Tensor, step: int, stream: int) -> None:

@@ -1,0 +1,98 @@
+"""The probability stream: exact Dirichlet(1) marginals and moments, positivity, determinism."""
+
+import pytest
+import torch
+from scipy import stats
+
+from mkopt.sampling import DirichletSampler, fill_dirichlet_, step_seed
+
+N = 200_000
+
+
+def sample(e: int, dtype=torch.float32, step: int = 0, seed: int = 0, n: int = N) -> torch.Tensor:
+    sampler = DirichletSampler(e, seed)
+    view = sampler.allocate(torch.device("cpu"), dtype, torch.Size([n]))
+    sampler.draw(step)
+    return view.clone()
+
+
+@pytest.mark.parametrize("e", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_columns_are_strictly_positive_and_sum_to_one(e, dtype):
+    p = sample(e, dtype, n=300_000)
+    assert p.dtype == dtype and p.shape == (e, 300_000)
+    assert bool((p > 0).all())
+    torch.testing.assert_close(p.sum(0), torch.ones(300_000, dtype=dtype), rtol=0, atol=4 * torch.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize("e", [2, 3, 4, 8])
+def test_marginals_are_beta_1_e_minus_1(e):
+    p = sample(e, torch.float64).numpy()
+    for k in range(e):  # every coordinate of a Dirichlet(1,...,1) is Beta(1, e-1)
+        assert stats.kstest(p[k], stats.beta(1, e - 1).cdf).pvalue > 1e-4
+
+
+@pytest.mark.parametrize("e", [2, 3, 4, 8])
+def test_moments_match_dirichlet_one(e):
+    p = sample(e, torch.float64)
+    mean, var = 1 / e, (e - 1) / (e**2 * (e + 1))
+    cov = -1 / (e**2 * (e + 1))
+    se = (var / N) ** 0.5
+    assert torch.allclose(p.mean(1), torch.full((e,), mean, dtype=torch.float64), atol=6 * se)
+    assert torch.allclose(p.var(1), torch.full((e,), var, dtype=torch.float64), rtol=0.03)
+    centered = p - p.mean(1, keepdim=True)
+    assert abs(float((centered[0] * centered[1]).mean()) - cov) < 0.05 * abs(cov) + 6 * var / N**0.5
+    # E[sum_k p_k^2] = 2 / (e + 1): the factor in the lr-compensation analysis (Lemma 4.3)
+    assert abs(float((p**2).sum(0).mean()) - 2 / (e + 1)) < 0.01
+
+
+def test_stream_is_a_function_of_seed_and_step_only():
+    assert torch.equal(sample(3, step=5, seed=1), sample(3, step=5, seed=1))
+    assert not torch.equal(sample(3, step=5, seed=1), sample(3, step=6, seed=1))
+    assert not torch.equal(sample(3, step=5, seed=1), sample(3, step=5, seed=2))
+
+
+def test_stream_does_not_depend_on_thread_count():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = sample(3, n=700_000, step=3)
+        torch.set_num_threads(max(2, threads))
+        multi = sample(3, n=700_000, step=3)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(single, multi)
+
+
+def test_chunks_and_tensors_are_not_correlated():
+    p = sample(2, torch.float64, n=(1 << 18) * 2)
+    first, second = p[0, : 1 << 18], p[0, 1 << 18 :]  # two chunks with different seeds
+    assert not torch.equal(first, second)
+    assert abs(float(torch.corrcoef(torch.stack([first, second]))[0, 1])) < 0.01
+
+
+def test_views_of_several_tensors_share_one_flat_buffer():
+    sampler = DirichletSampler(3, 0)
+    a = sampler.allocate(torch.device("cpu"), torch.float32, torch.Size([4, 5]))
+    b = sampler.allocate(torch.device("cpu"), torch.float32, torch.Size([7]))
+    sampler.draw(0)
+    (flat,) = sampler.buffers.values()
+    assert flat.shape == (3, 27)
+    assert a.shape == (3, 4, 5) and b.shape == (3, 7)
+    assert torch.equal(a.reshape(3, -1), flat[:, :20]) and torch.equal(b, flat[:, 20:])
+    before = flat.data_ptr()
+    sampler.draw(1)
+    assert flat.data_ptr() == before and torch.equal(a.reshape(3, -1), flat[:, :20])  # refilled in place
+
+
+@pytest.mark.parametrize("e", [2, 3, 5])
+def test_generic_fill_with_a_torch_generator(e):
+    p = fill_dirichlet_(torch.empty(e, 100_000, dtype=torch.float64), torch.Generator().manual_seed(0))
+    assert bool((p > 0).all())
+    assert stats.kstest(p[0].numpy(), stats.beta(1, e - 1).cdf).pvalue > 1e-4
+
+
+def test_step_seed_is_deterministic_and_spreads():
+    assert step_seed(0, 0) == step_seed(0, 0)
+    seeds = {step_seed(s, t, r) for s in range(4) for t in range(50) for r in range(3)}
+    assert len(seeds) == 600 and all(0 <= x < 2**63 for x in seeds)
