@@ -147,6 +147,7 @@ def expand(
     targets: TargetSpec = None,
     init: Init = "replicate",
     seed: int = 0,
+    sampler_compile: bool | None = None,
 ) -> Expansion:
     """Turn every target tensor of ``model`` into ``e`` majority-kernel copies, in place.
 
@@ -154,6 +155,7 @@ def expand(
     computes exactly what it did before (the paper's recipe for pretrained models, and a clean
     start from scratch: copies diverge from the first step because each gets ``p_k * grad``).
     ``init="independent"`` draws each copy with the layer's own ``reset_parameters``.
+    ``sampler_compile``: see :func:`mkopt.sampling.counter_dirichlet_` (``None``: compile on CPU).
 
     Most users call :class:`mkopt.MKOptimizer`, which expands and builds the optimizer.
 
@@ -181,7 +183,7 @@ def expand(
                 "call model.zero_grad(set_to_none=True) before building MKOptimizer"
             )
     original_keys = list(model.state_dict().keys())
-    sampler = DirichletSampler(e, seed)
+    sampler = DirichletSampler(e, seed, compiled=sampler_compile)
     parameter_orders: dict[str, list[str]] = {}
     views = [sampler.allocate(t.param.device, t.param.dtype, t.param.shape) for t in chosen]
     sampler.draw(0)  # registration runs the parametrization once: p must exist

@@ -32,6 +32,8 @@ class MKOptimizer(torch.optim.Optimizer):
         targets: which tensors to expand (see :mod:`mkopt.targets`); default every floating ``ndim >= 2`` parameter.
         init: ``"replicate"`` (default) or ``"independent"`` initialization of the copies.
         seed: seed of the probability stream.
+        sampler_compile: compile the probability sampler with ``torch.compile`` (default: on CPU,
+            where it is ~4x faster; a few seconds once). Values are the same either way for e <= 3.
         params: optional parameter groups over ``model``'s parameters (e.g. no weight decay on
             biases); the Parameter objects survive expansion, so build them before or after. Default
             ``model.parameters()``.
@@ -59,6 +61,7 @@ class MKOptimizer(torch.optim.Optimizer):
         targets: TargetSpec = None,
         init: Init = "replicate",
         seed: int = 0,
+        sampler_compile: bool | None = None,
         params: Iterable[Any] | None = None,
         **optimizer_kwargs: Any,
     ) -> None:
@@ -66,7 +69,7 @@ class MKOptimizer(torch.optim.Optimizer):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.model = model
-        self.expansion: Expansion = expand(model, e, targets=targets, init=init, seed=seed)
+        self.expansion: Expansion = expand(model, e, targets=targets, init=init, seed=seed, sampler_compile=sampler_compile)
         self.optimizer = optimizer_cls(model.parameters() if params is None else params, **optimizer_kwargs)
         # Share, never copy: schedulers, clipping and GradScaler read and write these objects.
         super().__init__(self.optimizer.param_groups, self.optimizer.defaults)

@@ -2,14 +2,22 @@
 
 ``p`` for step ``t`` is a pure function of ``(seed, t)``: a resumed run, or every rank of a
 distributed run, draws exactly the same ``p`` without communicating or saving RNG state.
+
+The uniforms come from a counter-based generator: element ``i`` of a buffer at step ``t`` takes
+the SplitMix64 output number ``i`` of the stream seeded with ``step_seed(seed, t, buffer)``
+(Steele, Lea & Flood 2014; passes BigCrush). Being a pure function of the element index it
+vectorizes and parallelizes, and ``torch.compile`` fuses hash, spacings and normalization into one
+pass: ~1.7 ms for 1.33 M elements x e=3 on 2 CPU cores, against ~5.5 ms for NumPy's PCG64 and
+~8 ms for torch's serial mt19937. Eager and compiled execution give bit-identical values for e <= 3
+(for e >= 4 the logarithm may differ in the last bit).
 """
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
+import warnings
+
 import torch
 
 _MASK64 = (1 << 64) - 1
@@ -30,38 +38,8 @@ def step_seed(seed: int, step: int, stream: int = 0) -> int:
 
 
 def uniform_rows(e: int) -> tuple[int, ...]:
-    """Rows of a ``[e, n]`` buffer that :func:`dirichlet_from_uniforms_` expects filled with U[0, 1)."""
+    """Which of the ``e`` rows need a U[0, 1) draw: ``e - 1`` for spacings (e <= 3), else ``e``."""
     return {1: (), 2: (0,), 3: (0, 2)}.get(e, tuple(range(e)))
-
-
-def dirichlet_from_uniforms_(out: torch.Tensor) -> torch.Tensor:
-    """Turn the uniforms in ``out[uniform_rows(e)]`` into ``n`` Dirichlet(1, ..., 1) columns, in place.
-
-    Exact up to the floating-point resolution of the uniforms; every entry is strictly positive
-    and each column sums to 1 (within one rounding). For ``e <= 3`` uniform spacings (``e - 1``
-    uniforms per element, no logarithms: ~2.5x faster on CPU than normalized exponentials); for
-    larger ``e`` normalized ``-log U``.
-    """
-    e = out.shape[0]
-    # Uniform generators return multiples of 2**-mantissa in [0, 1); lifting 0 by a quarter ulp keeps p > 0.
-    tiny = torch.finfo(out.dtype).eps / 4
-    if e == 1:
-        return out.fill_(1.0)
-    if e == 2:
-        out[0].clamp_min_(tiny)
-        torch.sub(1.0, out[0], out=out[1])
-        return out
-    if e == 3:
-        a, b, c = out[0], out[1], out[2]
-        # sorted uniforms u1 <= u2; the spacings (u1, u2 - u1, 1 - u2) are Dirichlet(1, 1, 1)
-        torch.maximum(a, c, out=b)
-        torch.minimum(a, c, out=a)
-        a.clamp_min_(tiny)
-        torch.sub(1.0, b, out=c)  # > 0 since u2 < 1
-        b.sub_(a).clamp_min_(tiny)  # ties u1 == u2 happen at float resolution only
-        return out
-    out.clamp_min_(tiny).log_().neg_()
-    return out.div_(out.sum(0, keepdim=True))
 
 
 def fill_dirichlet_(out: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -74,9 +52,11 @@ def fill_dirichlet_(out: torch.Tensor, generator: torch.Generator | None = None)
     """
     if out.dim() != 2:
         raise ValueError(f"fill_dirichlet_ expects a [e, n] tensor, got shape {tuple(out.shape)}")
-    for row in uniform_rows(out.shape[0]):
-        out[row].uniform_(generator=generator)
-    return dirichlet_from_uniforms_(out)
+    e, n = out.shape
+    if e == 1:
+        return out.fill_(1.0)
+    uniforms = [torch.rand(n, generator=generator, dtype=out.dtype, device=out.device) for _ in uniform_rows(e)]
+    return out.copy_(torch.stack(dirichlet_from_uniforms(uniforms, e, out.dtype)))
 
 
 @dataclass(frozen=True)
@@ -105,9 +85,10 @@ class DirichletSampler:
         (3, 2, 2)
     """
 
-    def __init__(self, e: int, seed: int) -> None:
+    def __init__(self, e: int, seed: int, compiled: bool | None = None) -> None:
         self.e = e
         self.seed = seed
+        self.compiled = compiled
         self._sizes: dict[BufferKey, int] = {}
         self._pending: list[tuple[BufferKey, int, torch.Size, torch.Tensor]] = []
         self.buffers: dict[BufferKey, torch.Tensor] = {}
@@ -142,47 +123,127 @@ class DirichletSampler:
         if self._pending:
             self._materialize()
         for stream, (key, flat) in enumerate(self.buffers.items()):
-            if key.device.type == "cpu":
-                self._draw_cpu(flat, step, stream)
-            else:  # one launch; GPU generators are parallel already
-                fill_dirichlet_(flat, torch.Generator(device=key.device).manual_seed(step_seed(self.seed, step, stream)))
-        # set_() aliases give each view its own version counter (and NumPy writes bump none): bump
-        # them, so autograd refuses a backward through a graph built with the previous p.
+            counter_dirichlet_(flat, step_seed(self.seed, step, stream), compiled=self.compiled)
+        # set_() aliases give each view its own version counter: bump them, so autograd refuses
+        # a backward through a graph that was built with the previous p.
         torch.autograd.graph.increment_version(self.views)
         self.step = step
 
-    def _draw_cpu(self, flat: torch.Tensor, step: int, stream: int) -> None:
-        """CPU uniforms come from NumPy's PCG64 (about 2x torch's serial mt19937 here), in fixed-size
-        chunks with counter-derived seeds, filled on a thread pool (NumPy releases the GIL). The
-        chunking does not depend on the thread count, so neither do the values."""
-        n = flat.shape[1]
-        jobs = [(row, start) for row in uniform_rows(self.e) for start in range(0, n, CPU_CHUNK)]
-        as_numpy = flat.numpy()
 
-        def fill(job: tuple[int, int]) -> None:
-            row, start = job
-            seed = step_seed(self.seed, step, (stream << 40) + (row << 32) + start // CPU_CHUNK)
-            chunk = as_numpy[row, start : start + CPU_CHUNK]
-            np.random.Generator(np.random.PCG64(seed)).random(out=chunk, dtype=chunk.dtype)
-
-        pool = _cpu_pool()
-        if pool is None or len(jobs) == 1:
-            for job in jobs:
-                fill(job)
-        else:
-            list(pool.map(fill, jobs))
-        dirichlet_from_uniforms_(flat)  # whole-buffer ops: torch parallelizes these itself
+_GOLDEN_GAMMA = 0x9E3779B97F4A7C15 - (1 << 64)  # as a wrapped int64
+_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_MIX2 = 0x94D049BB133111EB - (1 << 64)
+_MANTISSA_BITS = {torch.float32: 24, torch.float64: 53}  # uniforms on the grid k * 2**-bits
 
 
-CPU_CHUNK = 1 << 18  # elements per independently seeded chunk on CPU (part of the stream's definition)
-_POOL: ThreadPoolExecutor | None = None
+def _shift_right_logical(x: torch.Tensor, bits: int) -> torch.Tensor:
+    return (x >> bits) & ((1 << (64 - bits)) - 1)  # torch's >> on int64 is arithmetic
 
 
-def _cpu_pool() -> ThreadPoolExecutor | None:
-    global _POOL
-    workers = torch.get_num_threads()
-    if workers <= 1:
-        return None
-    if _POOL is None or _POOL._max_workers != workers:
-        _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mkopt-sampler")
-    return _POOL
+def splitmix64(counter: torch.Tensor, key: torch.Tensor, constants: torch.Tensor | None = None) -> torch.Tensor:
+    """SplitMix64 output ``counter`` of the stream seeded with ``key`` (int64 tensors, wrapping).
+
+    ``constants`` = ``splitmix64_constants()`` on the right device; passing them as a tensor keeps
+    the compiler from folding the 64-bit products into (overflowing) index arithmetic.
+
+    Example:
+        >>> int(splitmix64(torch.tensor([0]), torch.tensor(0))[0]) & (2**64 - 1) == 0xE220A8397B1DCDAF
+        True
+    """
+    if constants is None:
+        constants = splitmix64_constants(counter.device)
+    gamma, mix1, mix2 = constants[0], constants[1], constants[2]
+    x = key + (counter + 1) * gamma
+    x = (x ^ _shift_right_logical(x, 30)) * mix1
+    x = (x ^ _shift_right_logical(x, 27)) * mix2
+    return x ^ _shift_right_logical(x, 31)
+
+
+def splitmix64_constants(device: torch.device | str = "cpu") -> torch.Tensor:
+    """SplitMix64's increment and multipliers as wrapped int64 values."""
+    return torch.tensor([_GOLDEN_GAMMA, _MIX1, _MIX2], dtype=torch.int64, device=device)
+
+
+def _counter_fill(out: torch.Tensor, key: torch.Tensor, constants: torch.Tensor) -> None:
+    """Hash -> uniforms -> Dirichlet columns, written functionally so the compiler fuses one pass."""
+    e, n = out.shape
+    if e == 1:
+        out.fill_(1.0)
+        return
+    index = torch.arange(n, device=out.device, dtype=torch.int64)
+    bits = _MANTISSA_BITS[out.dtype]
+    count = len(uniform_rows(e))
+    if count == 2 and bits <= 32:  # e=3, float32: both uniforms from one 64-bit output
+        word = splitmix64(index, key, constants)
+        fields = [_shift_right_logical(word, 64 - bits), _shift_right_logical(word, 32 - bits) & ((1 << bits) - 1)]
+    else:
+        fields = [_shift_right_logical(splitmix64(index * count + r, key, constants), 64 - bits) for r in range(count)]
+    uniforms = [f.to(out.dtype) * 2.0**-bits for f in fields]
+    for row, values in enumerate(dirichlet_from_uniforms(uniforms, e, out.dtype)):
+        out[row].copy_(values)  # row writes fuse into one kernel; a stack would materialize
+
+
+def dirichlet_from_uniforms(uniforms: list[torch.Tensor], e: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The ``e >= 2`` rows of Dirichlet(1) columns from ``len(uniform_rows(e))`` U[0, 1) tensors.
+
+    Uniform spacings for ``e <= 3`` (``e - 1`` uniforms, no logarithms), normalized ``-log U``
+    above. Exact up to the uniforms' resolution; every entry > 0; columns sum to 1 within a rounding.
+
+    Example:
+        >>> [round(float(r), 2) for r in dirichlet_from_uniforms([torch.tensor(0.2), torch.tensor(0.7)], 3, torch.float32)]
+        [0.2, 0.5, 0.3]
+    """
+    tiny = torch.finfo(dtype).eps / 4  # lifts u = 0 by a quarter ulp: every p > 0
+    if e == 2:
+        a = uniforms[0].clamp_min(tiny)
+        return [a, 1.0 - a]
+    if e == 3:
+        low = torch.minimum(uniforms[0], uniforms[1]).clamp_min(tiny)
+        high = torch.maximum(uniforms[0], uniforms[1])
+        return [low, (high - low).clamp_min(tiny), 1.0 - high]  # spacings of sorted uniforms
+    exponentials = [-torch.log(u.clamp_min(tiny)) for u in uniforms]
+    total = sum(exponentials[1:], exponentials[0])
+    return [x / total for x in exponentials]
+
+
+_compiled_fill = None
+_compile_failed = False
+
+
+def counter_dirichlet_(out: torch.Tensor, key: int, compiled: bool | None = None) -> torch.Tensor:
+    """Fill ``out`` (``[e, n]``) with Dirichlet(1) columns from the counter-based stream ``key``.
+
+    ``compiled=None`` compiles on CPU (once per e and dtype, a few seconds; any size) and runs
+    eagerly elsewhere; if compilation is impossible it warns once and runs eagerly. The values
+    are identical either way.
+
+    Example:
+        >>> p = counter_dirichlet_(torch.empty(3, 4), key=7, compiled=False)
+        >>> bool((p > 0).all()), torch.allclose(p.sum(0), torch.ones(4))
+        (True, True)
+    """
+    global _compiled_fill, _compile_failed
+    key_tensor = torch.tensor(key, dtype=torch.int64, device=out.device)
+    constants = splitmix64_constants(out.device)
+    use_compiled = (out.device.type == "cpu") if compiled is None else compiled
+    if use_compiled and not _compile_failed:
+        if _compiled_fill is None:
+            _compiled_fill = torch.compile(_counter_fill, fullgraph=True)  # static first, dynamic on a new size
+        try:
+            # one graph per (e, dtype), static then dynamic in n: allow more than dynamo's default 8
+            with torch._dynamo.config.patch(recompile_limit=64):
+                _compiled_fill(out, key_tensor, constants)
+            return out
+        except Exception as error:  # no C++ compiler, unsupported platform, ...
+            if compiled:
+                raise
+            _compile_failed = True
+            warnings.warn(
+                f"mkopt could not compile its probability sampler ({type(error).__name__}: {error}); "
+                "drawing p eagerly instead: same values, several times slower. Install a C++ compiler "
+                "for torch.compile, or pass sampler_compile=False to silence this.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    _counter_fill(out, key_tensor, constants)
+    return out

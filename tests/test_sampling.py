@@ -4,7 +4,7 @@ import pytest
 import torch
 from scipy import stats
 
-from mkopt.sampling import DirichletSampler, fill_dirichlet_, step_seed
+from mkopt.sampling import DirichletSampler, counter_dirichlet_, fill_dirichlet_, splitmix64, step_seed
 
 N = 200_000
 
@@ -52,6 +52,36 @@ def test_stream_is_a_function_of_seed_and_step_only():
     assert not torch.equal(sample(3, step=5, seed=1), sample(3, step=5, seed=2))
 
 
+@pytest.mark.parametrize("e", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1, 7, 80, 70_001])
+def test_compiled_and_eager_sampler_are_bit_identical(e, dtype, n):
+    compiled = counter_dirichlet_(torch.empty(e, n, dtype=dtype), key=12345, compiled=True)
+    eager = counter_dirichlet_(torch.empty(e, n, dtype=dtype), key=12345, compiled=False)
+    assert torch.equal(compiled, eager)
+
+
+def test_e_above_3_compiled_and_eager_agree_to_one_ulp():  # log differs in the last bit
+    compiled = counter_dirichlet_(torch.empty(5, 5000), key=1, compiled=True)
+    eager = counter_dirichlet_(torch.empty(5, 5000), key=1, compiled=False)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=2.5e-7)
+
+
+def test_counter_generator_is_splitmix64():
+    def reference(state: int, count: int) -> list[int]:  # Steele et al.'s SplitMix64, in Python ints
+        out, mask = [], 2**64 - 1
+        for _ in range(count):
+            state = (state + 0x9E3779B97F4A7C15) & mask
+            z = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & mask
+            z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+            out.append(z ^ (z >> 31))
+        return out
+
+    for key in (0, 1, 2**62 + 12345):
+        values = splitmix64(torch.arange(6), torch.tensor(key))
+        assert [int(v) & (2**64 - 1) for v in values] == reference(key, 6)
+
+
 def test_stream_does_not_depend_on_thread_count():
     threads = torch.get_num_threads()
     try:
@@ -64,11 +94,11 @@ def test_stream_does_not_depend_on_thread_count():
     assert torch.equal(single, multi)
 
 
-def test_chunks_and_tensors_are_not_correlated():
-    p = sample(2, torch.float64, n=(1 << 18) * 2)
-    first, second = p[0, : 1 << 18], p[0, 1 << 18 :]  # two chunks with different seeds
-    assert not torch.equal(first, second)
-    assert abs(float(torch.corrcoef(torch.stack([first, second]))[0, 1])) < 0.01
+def test_neighbouring_elements_and_steps_are_not_correlated():
+    p = sample(2, torch.float64, n=100_000)
+    assert abs(float(torch.corrcoef(torch.stack([p[0, :-1], p[0, 1:]]))[0, 1])) < 0.015
+    q = sample(2, torch.float64, n=100_000, step=1)
+    assert abs(float(torch.corrcoef(torch.stack([p[0], q[0]]))[0, 1])) < 0.015
 
 
 def test_views_of_several_tensors_share_one_flat_buffer():
