@@ -5,8 +5,9 @@ Run:  python bench/step_overhead.py [--device cuda] [--quick] [--out results/ben
 For each configuration the baseline and the MK model (same architecture, same data) are timed in
 interleaved blocks (baseline block, MK block, repeated), so machine noise hits both alike; the
 reported ratio is the median over blocks of MK time / baseline time. Peak memory: on CUDA
-``max_memory_allocated``; on CPU the peak RSS of a fresh child process that trains the variant,
-minus the peak RSS of an identical child that builds everything but does not train.
+``max_memory_allocated``; on CPU, in a fresh child process per variant, the peak RSS while it
+builds the model and optimizer and trains 3 steps, minus the RSS just before (the kernel's peak
+counter is reset there; for MK the sampler is compiled beforehand).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -120,13 +120,25 @@ def time_ratio(config: Config, device: str, blocks: int, steps: int) -> tuple[fl
     return statistics.median(times[False]), statistics.median(times[True]), statistics.median(ratios)
 
 
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def _child_peak(config: Config, variant: str, device: str, queue) -> None:
-    torch.set_num_threads(torch.get_num_threads())
+    if variant == "mk":  # compile the sampler first: compiler memory is not training memory
+        from mkopt.sampling import counter_dirichlet_
+
+        for n in (1000, 1001):
+            counter_dirichlet_(torch.empty(config.e, n), key=0)
+    rss_before = _status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter (Linux >= 4.0)
     model, opt, x, y = setup(config, variant == "mk", device)
-    if variant != "idle":
-        for _ in range(3):
-            train_step(model, opt, x, y)
-    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    for _ in range(3):
+        train_step(model, opt, x, y)
+    queue.put((_status_kib("VmHWM") - rss_before) * 1024)
 
 
 def peak_memory_ratio(config: Config, device: str) -> tuple[float, float, float]:
@@ -144,14 +156,13 @@ def peak_memory_ratio(config: Config, device: str) -> tuple[float, float, float]
         return peaks[False] / 2**20, peaks[True] / 2**20, peaks[True] / peaks[False]
     ctx = mp.get_context("spawn")
     peaks = {}
-    for variant in ("idle", "base", "mk"):
+    for variant in ("base", "mk"):
         queue = ctx.Queue()
         proc = ctx.Process(target=_child_peak, args=(config, variant, device, queue))
         proc.start()
         peaks[variant] = queue.get()
         proc.join()
-    base, mk = peaks["base"] - peaks["idle"], peaks["mk"] - peaks["idle"]
-    return base / 2**20, mk / 2**20, mk / base
+    return peaks["base"] / 2**20, peaks["mk"] / 2**20, peaks["mk"] / peaks["base"]
 
 
 def configs(quick: bool) -> list[Config]:
