@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
+from . import adversarial
 from .deploy import collapse
+from .diagnostics import copy_spread
 from .expand import Expansion, Init, expand
 from .targets import TargetSpec
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 
 
 class MKOptimizer(torch.optim.Optimizer):
@@ -32,6 +35,14 @@ class MKOptimizer(torch.optim.Optimizer):
         targets: which tensors to expand (see :mod:`mkopt.targets`); default every floating ``ndim >= 2`` parameter.
         init: ``"replicate"`` (default) or ``"independent"`` initialization of the copies.
         seed: seed of the probability stream.
+        probabilities: ``"dirichlet"`` (default, Eq. 4.2), ``"uniform"`` (``p = 1/e``, Lemma 4.3's
+            case, for ablations), ``"adversarial"`` (Algorithm B.1) or ``"adv-mk"`` (B.2). The last
+            two take two passes per step: ``step(closure)``, or the two-call form (see
+            :meth:`ascend_probabilities`).
+        adversarial_eps: ascent step on ``p`` for the adversarial modes (>= 0).
+        lr_compensation: scale the copies' gradients by ``e`` so that, at the same nominal lr, the
+            deployed mean moves exactly like the baseline's weights (Lemma 4.3). Only for optimizers
+            whose step is linear in the gradient (the SGD family); adaptive ones are scale-invariant.
         sampler_compile: compile the probability sampler with ``torch.compile`` (default: on CPU,
             where it is ~4x faster; a few seconds once). Values are the same either way for e <= 3.
         params: optional parameter groups over ``model``'s parameters (e.g. no weight decay on
@@ -61,6 +72,9 @@ class MKOptimizer(torch.optim.Optimizer):
         targets: TargetSpec = None,
         init: Init = "replicate",
         seed: int = 0,
+        probabilities: str = "dirichlet",
+        adversarial_eps: float = adversarial.DEFAULT_ADVERSARIAL_EPS,
+        lr_compensation: bool = False,
         sampler_compile: bool | None = None,
         params: Iterable[Any] | None = None,
         **optimizer_kwargs: Any,
@@ -68,8 +82,22 @@ class MKOptimizer(torch.optim.Optimizer):
         _check_optimizer_cls(optimizer_cls)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        _check_mode(probabilities, adversarial_eps)
+        if lr_compensation and not issubclass(optimizer_cls, torch.optim.SGD):
+            raise ValueError(
+                f"lr_compensation=True rescales gradients, which changes the step only of optimizers linear in the "
+                f"gradient (torch.optim.SGD and subclasses); {optimizer_cls.__name__} is scale-invariant. Measured "
+                "effective factors for adaptive optimizers are in results/lr_compensation.md: raise their lr instead"
+            )
         self.model = model
+        self.probabilities = probabilities
+        self.adversarial_eps = float(adversarial_eps)
+        self.lr_compensation = bool(lr_compensation)
         self.expansion: Expansion = expand(model, e, targets=targets, init=init, seed=seed, sampler_compile=sampler_compile)
+        if lr_compensation:
+            for module in model.modules():
+                if hasattr(module, "grad_scale") and hasattr(module, "tied"):
+                    module.grad_scale = float(self.expansion.e)
         self.optimizer = optimizer_cls(model.parameters() if params is None else params, **optimizer_kwargs)
         # Share, never copy: schedulers, clipping and GradScaler read and write these objects.
         super().__init__(self.optimizer.param_groups, self.optimizer.defaults)
@@ -77,7 +105,12 @@ class MKOptimizer(torch.optim.Optimizer):
         self.state = self.optimizer.state
         self._collapsed = False
         self._shares_groups = True
+        self._phase = "plain"  # adversarial modes: "probe" (p = 1/e, recording dL/dp) or "descent"
+        self._in_closure_step = False
+        self.last_p_entropy: float | None = None
+        self._prepare(0)
 
+    # -- properties -------------------------------------------------------------------------
     @property
     def e(self) -> int:
         return self.expansion.e
@@ -94,26 +127,165 @@ class MKOptimizer(torch.optim.Optimizer):
         """The ``TensorDict`` (``batch_size=[e]``) of all expanded kernels: ``store[k]`` is copy ``k``."""
         return self.expansion.store
 
+    @property
+    def adversarial(self) -> bool:
+        return self.probabilities in adversarial.ADVERSARIAL_MODES
+
+    # -- the step ---------------------------------------------------------------------------
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """Step the wrapped optimizer, then draw the next step's probabilities."""
+        """Step the wrapped optimizer, then prepare the next step's probabilities.
+
+        Adversarial modes: either pass a ``closure`` that computes the loss and calls
+        ``backward()`` (it runs twice: at ``p = 1/e`` and at the adversarial ``p``), or use the
+        two-call form: probe backward, :meth:`ascend_probabilities`, backward, ``step()``.
+        """
         if self._collapsed:
             raise RuntimeError("this MKOptimizer's model was collapsed: build a plain optimizer to keep training it")
+        if self.adversarial and closure is not None:
+            return self._two_pass_step(closure)
+        if self.adversarial and self._phase != "descent":
+            raise RuntimeError(
+                f"probabilities={self.probabilities!r} takes two passes per step: call opt.step(closure), or run the "
+                "probe forward/backward, then opt.ascend_probabilities(), then the forward/backward to descend, then opt.step()"
+            )
         loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
-        with torch.no_grad():
-            self.expansion.sampler.draw(self.mk_step + 1)
+        self._prepare(self.mk_step + 1)
         return loss
 
+    def _two_pass_step(self, closure: Callable[[], Any]) -> Any:
+        self._in_closure_step = True
+        try:
+            self._arm_probe()
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.enable_grad():
+                loss = closure()
+            self.ascend_probabilities()
+            with torch.enable_grad():
+                closure()
+        finally:
+            self._in_closure_step = False
+        self.optimizer.step()
+        self._prepare(self.mk_step + 1)
+        return loss
+
+    def ascend_probabilities(self, scaler: torch.amp.GradScaler | None = None) -> None:
+        """Second call of an adversarial step: move ``p`` up the loss (B.1; B.2 also mixes in randomness).
+
+        Reads ``dL/dp`` from the probe pass (run after :meth:`zero_grad`, at ``p = 1/e``), writes the
+        adversarial ``p`` and zeroes every gradient, ready for the descent pass. With a
+        ``GradScaler`` pass it here: ``dL/dp`` is unscaled with ``scaler.get_scale()`` (the scaler's
+        own ``unscale_`` is kept for the descent pass). If the probe's gradients overflowed, ``p``
+        stays at its unperturbed value for this step (uniform for B.1, the random draw for B.2)
+        and the scaler decides about the descent as usual.
+
+        Example (two-call form with AMP):
+            >>> import torch, mkopt
+            >>> model = torch.nn.Linear(4, 2)
+            >>> opt = mkopt.MKOptimizer(torch.optim.SGD, model, e=3, probabilities="adv-mk", lr=0.1)
+            >>> scaler = torch.amp.GradScaler("cpu")
+            >>> x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+            >>> loss_of = lambda: torch.nn.functional.cross_entropy(model(x), y)
+            >>> opt.zero_grad()
+            >>> scaler.scale(loss_of()).backward()      # probe: p = 1/e, records dL/dp
+            >>> opt.ascend_probabilities(scaler)         # p <- adversarial p; gradients zeroed
+            >>> scaler.scale(loss_of()).backward()      # descend at that p
+            >>> scaler.unscale_(opt); _ = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            >>> scaler.step(opt); scaler.update()
+            >>> opt.mk_step
+            1
+        """
+        if not self.adversarial:
+            raise RuntimeError(f"ascend_probabilities() is for probabilities='adversarial' or 'adv-mk', not {self.probabilities!r}")
+        if self._phase != "probe":
+            raise RuntimeError(
+                "ascend_probabilities() follows a probe pass: call opt.zero_grad() at the start of the step, run the "
+                "forward/backward, then ascend_probabilities() once"
+            )
+        sampler = self.expansion.sampler
+        grads = [view.grad for view in sampler.views]
+        if any(g is None for g in grads):
+            raise RuntimeError(
+                "no gradient reached p: run the probe forward/backward in training mode between opt.zero_grad() "
+                "and opt.ascend_probabilities()"
+            )
+        inverse_scale = 1.0
+        if scaler is not None and scaler.is_enabled():
+            inverse_scale = 1.0 / float(scaler.get_scale())
+        finite = all(bool(torch.isfinite(g).all()) for g in grads)
+        eps = self.adversarial_eps if finite else 0.0
+        with torch.no_grad():
+            adversarial_ps = [adversarial.adversarial_probabilities(g * inverse_scale, eps) for g in grads]
+            if self.probabilities == "adv-mk":
+                sampler.draw(self.mk_step)  # the views now hold this step's Dirichlet draw
+                adversarial_ps = [adversarial.mix_with_random(a, v) for a, v in zip(adversarial_ps, sampler.views)]
+            for view, p in zip(sampler.views, adversarial_ps):
+                view.requires_grad_(False)
+                view.grad = None
+                view.copy_(p)
+            torch.autograd.graph.increment_version(sampler.views)
+            total = sum(v.numel() for v in sampler.views) / self.e
+            self.last_p_entropy = float(sum(adversarial.normalized_entropy(v) * (v.numel() / self.e) for v in sampler.views) / total)
+        self.optimizer.zero_grad(set_to_none=True)
+        self._phase = "descent"
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradients; in the adversarial modes also (re)start the step's probe pass."""
+        super().zero_grad(set_to_none=set_to_none)
+        if self.adversarial and not self._in_closure_step and not self._collapsed:
+            self._arm_probe()
+
+    def _prepare(self, step: int) -> None:
+        """Probabilities for step ``step``: drawn, uniform, or armed for the adversarial probe."""
+        sampler = self.expansion.sampler
+        if self.probabilities == "dirichlet":
+            sampler.draw(step)
+        elif self.probabilities == "uniform":
+            sampler.fill_uniform(step)
+        else:
+            sampler.step = step
+            self._arm_probe()
+
+    def _arm_probe(self) -> None:
+        sampler = self.expansion.sampler
+        sampler.fill_uniform(self.mk_step)
+        for view in sampler.views:
+            view.grad = None
+            view.requires_grad_(True)
+        self._phase = "probe"
+
+    # -- collapse, diagnostics, state -------------------------------------------------------
     def collapse(self) -> nn.Module:
         """Fold the model in place into its plain form (mean kernels) and return it; ends MK training."""
+        for view in self.expansion.sampler.views:
+            view.requires_grad_(False)
         collapse(self.model)
         self._collapsed = True
         return self.model
+
+    def diagnostics(self, collapse_threshold: float = 1e-4) -> dict[str, float]:
+        """Cheap training statistics as plain floats (log them every N steps).
+
+        ``spread/<tensor>``: mean over copies of ``||W~[k] - W_mean|| / ||W_mean||``; ``spread``: the
+        same over all kernels together; ``p_entropy`` (adversarial modes): mean normalized entropy
+        of the last adversarial ``p`` (1 = uniform); ``collapsed``: 1.0 when the copies have become
+        indistinguishable (spread below ``collapse_threshold`` after step 0), which also warns:
+        MK then trains like a single model with a reduced learning rate (Lemma 4.3).
+        """
+        return copy_spread(self, collapse_threshold)
 
     def state_dict(self) -> dict[str, Any]:
         """The wrapped optimizer's state plus what reproduces the probability stream."""
         return {
             "optimizer": self.optimizer.state_dict(),
-            "mkopt": {"version": _STATE_VERSION, "e": self.e, "seed": self.expansion.seed, "step": self.mk_step},
+            "mkopt": {
+                "version": _STATE_VERSION,
+                "e": self.e,
+                "seed": self.expansion.seed,
+                "step": self.mk_step,
+                "probabilities": self.probabilities,
+                "adversarial_eps": self.adversarial_eps,
+                "lr_compensation": self.lr_compensation,
+            },
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -126,13 +298,19 @@ class MKOptimizer(torch.optim.Optimizer):
         mk = state_dict["mkopt"]
         if mk["e"] != self.e:
             raise ValueError(f"state_dict was saved with e={mk['e']} but this MKOptimizer has e={self.e}")
+        saved_mode = mk.get("probabilities", "dirichlet")
+        if saved_mode != self.probabilities:
+            raise ValueError(
+                f"state_dict was saved with probabilities={saved_mode!r} but this MKOptimizer uses {self.probabilities!r}"
+            )
         self.optimizer.load_state_dict(state_dict["optimizer"])
         # Optimizer.load_state_dict replaces param_groups and state: share the new objects again.
         self.param_groups = self.optimizer.param_groups
         self.state = self.optimizer.state
         self.expansion.seed = mk["seed"]
         self.expansion.sampler.seed = mk["seed"]
-        self.expansion.sampler.draw(mk["step"])
+        self.adversarial_eps = float(mk.get("adversarial_eps", self.adversarial_eps))
+        self._prepare(mk["step"])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if getattr(self, "_shares_groups", False):
@@ -141,7 +319,10 @@ class MKOptimizer(torch.optim.Optimizer):
             super().add_param_group(param_group)
 
     def __repr__(self) -> str:
-        return f"MKOptimizer(e={self.e}, seed={self.expansion.seed}, step={self.mk_step}, optimizer={self.optimizer!r})"
+        return (
+            f"MKOptimizer(e={self.e}, probabilities={self.probabilities!r}, seed={self.expansion.seed}, "
+            f"step={self.mk_step}, optimizer={self.optimizer!r})"
+        )
 
 
 def _check_optimizer_cls(optimizer_cls: Any) -> None:
@@ -154,3 +335,10 @@ def _check_optimizer_cls(optimizer_cls: Any) -> None:
         raise TypeError(
             f"optimizer_cls={optimizer_cls!r} is not a torch.optim.Optimizer subclass: pass e.g. torch.optim.AdamW"
         )
+
+
+def _check_mode(probabilities: Any, eps: Any) -> None:
+    if probabilities not in adversarial.PROBABILITY_MODES:
+        raise ValueError(f"probabilities={probabilities!r} is unknown: use one of {adversarial.PROBABILITY_MODES}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"adversarial_eps={eps!r} must be a finite number >= 0 (0 disables the ascent on p)")

@@ -22,32 +22,35 @@ class _MixCopies(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, stacked: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, stacked: torch.Tensor, p: torch.Tensor, grad_scale: float) -> torch.Tensor:
         ctx.save_for_backward(p, stacked if p.requires_grad else None)
+        ctx.grad_scale = grad_scale
         out = torch.mul(p[0], stacked[0])
         for k in range(1, stacked.shape[0]):  # e fused multiply-adds, no [e, ...] temporary
             out.addcmul_(p[k], stacked[k])
         return out.to(stacked.dtype)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         p, stacked = ctx.saved_tensors
         grad_stacked = grad_p = None
         if ctx.needs_input_grad[0]:
             grad_stacked = (p * grad.unsqueeze(0)).to(grad.dtype)  # dL/dW~[k] = p[k] * dL/dW
+            if ctx.grad_scale != 1.0:  # lr compensation (Lemma 4.3), see MKOptimizer
+                grad_stacked.mul_(ctx.grad_scale)
         if ctx.needs_input_grad[1]:
             grad_p = (stacked * grad.unsqueeze(0)).to(p.dtype)  # dL/dp[k] = W~[k] * dL/dW
-        return grad_stacked, grad_p
+        return grad_stacked, grad_p, None
 
 
-def mix_copies(stacked: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """``sum_k p[k] * stacked[k]`` (differentiable in both).
+def mix_copies(stacked: torch.Tensor, p: torch.Tensor, grad_scale: float = 1.0) -> torch.Tensor:
+    """``sum_k p[k] * stacked[k]`` (differentiable in both; the copies' gradient times ``grad_scale``).
 
     Example:
         >>> mix_copies(torch.ones(3, 2), torch.full((3, 2), 1 / 3))
         tensor([1., 1.])
     """
-    return _MixCopies.apply(stacked, p)
+    return _MixCopies.apply(stacked, p, grad_scale)
 
 
 def mean_of_copies(stacked: torch.Tensor) -> torch.Tensor:
@@ -80,6 +83,7 @@ class MajorityKernel(nn.Module):
         self.p = p  # plain attribute, not a buffer: it must stay a view of the flat buffer
         self._copies = copies
         self.tied = tied
+        self.grad_scale = 1.0  # set by MKOptimizer(lr_compensation=True)
 
     def forward(self, stacked: torch.Tensor) -> torch.Tensor:
         if not self.training:
@@ -89,7 +93,7 @@ class MajorityKernel(nn.Module):
                 f"MK probabilities live on {self.p.device} but the weight is on {stacked.device}: "
                 "move the model to its device before building MKOptimizer, or rebuild it after moving"
             )
-        return mix_copies(stacked, self.p)
+        return mix_copies(stacked, self.p, self.grad_scale)
 
     @torch.no_grad()
     def right_inverse(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -124,6 +124,17 @@ class DirichletSampler:
             self._materialize()
         for stream, (key, flat) in enumerate(self.buffers.items()):
             counter_dirichlet_(flat, step_seed(self.seed, step, stream), compiled=self.compiled)
+        self._drawn(step)
+
+    def fill_uniform(self, step: int) -> None:
+        """Set every ``p`` to ``1/e`` (uniform mode, and the start of an adversarial step)."""
+        if self._pending:
+            self._materialize()
+        for flat in self.buffers.values():
+            flat.fill_(1.0 / self.e)
+        self._drawn(step)
+
+    def _drawn(self, step: int) -> None:
         # set_() aliases give each view its own version counter: bump them, so autograd refuses
         # a backward through a graph that was built with the previous p.
         torch.autograd.graph.increment_version(self.views)

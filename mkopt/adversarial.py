@@ -1,0 +1,78 @@
+"""Adversarial probabilities (paper appendix B): Algorithm B.1 and its randomized variant B.2.
+
+B.1 starts each step from uniform ``p = 1/e``, takes ``dL/dp`` on the batch (for a kernel
+``dL/dp[k] = W~[k] * dL/dW``, per element), ascends ``p <- p + eps * dL/dp`` and normalizes back
+onto the simplex; the weights' gradients are then taken at that ``p``. B.2 additionally mixes in a
+Dirichlet(1) draw, weighted by how far the adversarial ``p`` is from uniform.
+
+Normalize (the paper leaves it open): clamp every entry at 0, then divide by the sum over the
+copies; an element whose entries all clamp to 0 becomes uniform. For small ``eps`` this is, to
+first order, a step along ``dL/dp`` minus its mean over the copies (a projection onto the
+simplex's tangent space), so the loss does not decrease to first order.
+
+B.2's mixing weight ``u = KL(p || uniform) / log e`` is taken **per element**: ``p`` is drawn per
+element, and B.2 exists to re-inject randomness exactly where the adversarial ``p`` stays uniform
+(the copies of that element have become equal, so ``dL/dp`` is the same for every copy). A
+per-tensor aggregate would let a few far-from-uniform elements switch the randomness off for all.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+PROBABILITY_MODES: tuple[str, ...] = ("dirichlet", "uniform", "adversarial", "adv-mk")
+ADVERSARIAL_MODES: tuple[str, ...] = ("adversarial", "adv-mk")
+# Default ascent step on p. |dL/dp| = |W~ * dL/dW| is small (~1e-4 for the paper's MLPs), so eps
+# must be large for p to move at all; see results/adversarial_eps.md for the measurement.
+DEFAULT_ADVERSARIAL_EPS = 1000.0
+
+
+def normalize_simplex(q: torch.Tensor) -> torch.Tensor:
+    """Per element (dim 0 = copies): clamp at 0, divide by the sum; all-zero elements become uniform.
+
+    Example:
+        >>> normalize_simplex(torch.tensor([[0.5, -1.0], [1.5, -2.0]])).T.tolist()
+        [[0.25, 0.75], [0.5, 0.5]]
+    """
+    e = q.shape[0]
+    clamped = q.clamp_min(0)
+    total = clamped.sum(0, keepdim=True)
+    return torch.where(total > 0, clamped / total.clamp_min(torch.finfo(q.dtype).tiny), torch.full_like(clamped, 1 / e))
+
+
+def adversarial_probabilities(grad_p: torch.Tensor, eps: float) -> torch.Tensor:
+    """Algorithm B.1: ``Normalize(1/e + eps * dL/dp)``, per element over dim 0.
+
+    Example:
+        >>> adversarial_probabilities(torch.tensor([[1.0], [0.0]]), eps=0.5).flatten().tolist()
+        [0.6666666865348816, 0.3333333432674408]
+    """
+    e = grad_p.shape[0]
+    return normalize_simplex(grad_p * eps + 1 / e)
+
+
+def divergence_from_uniform(p: torch.Tensor) -> torch.Tensor:
+    """``u = KL(p || uniform) / log e`` per element (dim 0 = copies): 0 at uniform, 1 at one-hot.
+
+    Example:
+        >>> divergence_from_uniform(torch.tensor([[0.5, 1.0], [0.5, 0.0]])).tolist()
+        [0.0, 1.0]
+    """
+    e = p.shape[0]
+    if e == 1:
+        return torch.zeros_like(p[0])
+    kl = torch.xlogy(p, p).sum(0) + math.log(e)  # sum_k p_k log(p_k e)
+    return (kl / math.log(e)).clamp(0.0, 1.0)
+
+
+def mix_with_random(p_adversarial: torch.Tensor, p_random: torch.Tensor) -> torch.Tensor:
+    """Algorithm B.2: ``u * p + (1 - u) * p_random`` with the per-element ``u`` above."""
+    u = divergence_from_uniform(p_adversarial)
+    return u * p_adversarial + (1 - u) * p_random
+
+
+def normalized_entropy(p: torch.Tensor) -> torch.Tensor:
+    """Mean over elements of ``H(p) / log e`` (1 = uniform everywhere, 0 = one-hot everywhere)."""
+    return 1 - divergence_from_uniform(p).mean()

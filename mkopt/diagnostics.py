@@ -1,0 +1,51 @@
+"""Cheap statistics of the copies: how far apart they are, and whether they have collapsed."""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .optimizer import MKOptimizer
+
+
+class KernelCollapseWarning(UserWarning):
+    """The copies of the majority kernels have become indistinguishable."""
+
+
+@torch.no_grad()
+def copy_spread(opt: "MKOptimizer", collapse_threshold: float = 1e-4) -> dict[str, float]:
+    """See :meth:`MKOptimizer.diagnostics`.
+
+    Example:
+        >>> import torch, mkopt
+        >>> opt = mkopt.MKOptimizer(torch.optim.SGD, torch.nn.Linear(3, 3), e=2, lr=0.1, init="independent")
+        >>> stats = opt.diagnostics(); stats["spread"] > 0, stats["collapsed"]
+        (True, 0.0)
+    """
+    stats: dict[str, float] = {}
+    deviation_total = norm_total = 0.0
+    for target in opt.expansion.targets:
+        stacked = target.param.detach().float()
+        mean = stacked.mean(0)
+        deviation = torch.linalg.vector_norm((stacked - mean).flatten(1), dim=1).mean()
+        norm = torch.linalg.vector_norm(mean)
+        stats[f"spread/{target.name}"] = float(deviation / norm.clamp_min(1e-30))
+        deviation_total += float(deviation) ** 2
+        norm_total += float(norm) ** 2
+    stats["spread"] = (deviation_total / max(norm_total, 1e-60)) ** 0.5
+    if opt.last_p_entropy is not None:
+        stats["p_entropy"] = opt.last_p_entropy
+    collapsed = opt.mk_step > 0 and stats["spread"] < collapse_threshold
+    stats["collapsed"] = float(collapsed)
+    if collapsed:
+        warnings.warn(
+            f"MK copies have collapsed (relative spread {stats['spread']:.2e} < {collapse_threshold:g} at step "
+            f"{opt.mk_step}): training now behaves like a single model at lr/e (Lemma 4.3). Dirichlet or adv-mk "
+            "probabilities keep the copies apart; uniform or pure adversarial p let them merge.",
+            KernelCollapseWarning,
+            stacklevel=3,
+        )
+    return stats
