@@ -8,7 +8,9 @@ Example:
     torch.Size([2, 4])
 """
 
+from .adversarial import PROBABILITY_MODES
 from .deploy import collapse, collapse_state_dict, deploy
+from .diagnostics import KernelCollapseWarning
 from .expand import Expansion, expand, expansion_of, is_expanded
 from .optimizer import MKOptimizer
 from .parametrization import MajorityKernel, mean_of_copies, mix_copies
@@ -17,6 +19,8 @@ from .targets import is_default_kernel, select_targets
 
 __all__ = [
     "MKOptimizer",
+    "PROBABILITY_MODES",
+    "KernelCollapseWarning",
     "deploy",
     "collapse",
     "collapse_state_dict",
