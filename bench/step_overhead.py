@@ -37,6 +37,7 @@ class Config:
     optimizer: str
     batch: int
     e: int = 3
+    mode: str = "dirichlet"
 
 
 def mlp(hidden: list[int]) -> nn.Module:
@@ -69,7 +70,7 @@ def build_model(name: str) -> nn.Module:
     raise ValueError(name)
 
 
-def build_optimizer(kind: str, model: nn.Module, mk_e: int | None):
+def build_optimizer(kind: str, model: nn.Module, mk_e: int | None, mode: str = "dirichlet"):
     cls, kwargs = {
         "adam": (torch.optim.Adam, {"lr": 1e-3}),
         "adam-fused": (torch.optim.Adam, {"lr": 1e-3, "fused": True}),
@@ -77,7 +78,7 @@ def build_optimizer(kind: str, model: nn.Module, mk_e: int | None):
     }[kind]
     if mk_e is None:
         return cls(model.parameters(), **kwargs)
-    return mkopt.MKOptimizer(cls, model, e=mk_e, **kwargs)
+    return mkopt.MKOptimizer(cls, model, e=mk_e, probabilities=mode, **kwargs)
 
 
 def setup(config: Config, mk: bool, device: str):
@@ -85,7 +86,7 @@ def setup(config: Config, mk: bool, device: str):
     model = build_model(config.model).to(device)
     if device == "cuda" and config.model in ("cnn", "resnet18"):
         model = model.to(memory_format=torch.channels_last)
-    opt = build_optimizer(config.optimizer, model, config.e if mk else None)
+    opt = build_optimizer(config.optimizer, model, config.e if mk else None, config.mode)
     x = torch.randn(config.batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (config.batch,), device=device)
     return model, opt, x, y
@@ -94,6 +95,9 @@ def setup(config: Config, mk: bool, device: str):
 def train_step(model, opt, x, y) -> None:
     opt.zero_grad(set_to_none=True)
     F.cross_entropy(model(x), y).backward()
+    if getattr(opt, "adversarial", False):  # Adv-MK: ascend on p, second pass at the adversarial p
+        opt.ascend_probabilities()
+        F.cross_entropy(model(x), y).backward()
     opt.step()
 
 
@@ -171,6 +175,8 @@ def configs(quick: bool) -> list[Config]:
     out.append(Config("MLP 400-200-100", "mlp400-200-100", "adam-fused", 256))
     out += [Config("small CNN", "cnn", "sgd", 64), Config("ResNet-18 32x32", "resnet18", "sgd", 64)]
     out += [Config("MLP 400-200-100", "mlp400-200-100", "adam", 256, e) for e in (2, 4, 8)]
+    out += [Config(f"MLP {m[3:]}", m, "adam", 256, 3, "adv-mk") for m in mlps]
+    out.append(Config("MLP 400-200-100", "mlp400-200-100", "adam-fused", 256, 3, "adv-mk"))
     if quick:
         out = [c for c in out if c.model == "mlp400-200-100" and c.optimizer == "adam" and c.e == 3]
     return out
@@ -180,6 +186,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="only the [400,200,100] MLP with Adam")
+    parser.add_argument("--only", help="only configurations whose name, optimizer or p contains this text")
     parser.add_argument("--blocks", type=int, default=7)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--no-memory", action="store_true")
@@ -196,15 +203,16 @@ def main() -> None:
         f"commit: {commit}, torch {torch.__version__}, device: {args.device} ({machine}), "
         f"{args.blocks} interleaved blocks x {args.steps} steps, median ratio",
         "",
-        "| model | optimizer | batch | e | base ms/step | MK ms/step | time ratio | base peak MiB | MK peak MiB | memory ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | optimizer | batch | e | p | base ms/step | MK ms/step | time ratio | base peak MiB | MK peak MiB | memory ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(header), flush=True)
     rows = []
-    for config in configs(args.quick):
+    chosen = [c for c in configs(args.quick) if not args.only or args.only in f"{c.name} {c.optimizer} {c.mode}"]
+    for config in chosen:
         base_t, mk_t, ratio = time_ratio(config, args.device, args.blocks, args.steps)
         mem = ("-", "-", "-") if args.no_memory else tuple(f"{v:.1f}" if i < 2 else f"{v:.2f}x" for i, v in enumerate(peak_memory_ratio(config, args.device)))
-        row = f"| {config.name} | {config.optimizer} | {config.batch} | {config.e} | {base_t * 1e3:.1f} | {mk_t * 1e3:.1f} | **{ratio:.2f}x** | {mem[0]} | {mem[1]} | {mem[2]} |"
+        row = f"| {config.name} | {config.optimizer} | {config.batch} | {config.e} | {config.mode} | {base_t * 1e3:.1f} | {mk_t * 1e3:.1f} | **{ratio:.2f}x** | {mem[0]} | {mem[1]} | {mem[2]} |"
         rows.append(row)
         print(row, flush=True)
     if args.out:

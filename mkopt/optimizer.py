@@ -89,6 +89,12 @@ class MKOptimizer(torch.optim.Optimizer):
                 f"gradient (torch.optim.SGD and subclasses); {optimizer_cls.__name__} is scale-invariant. Measured "
                 "effective factors for adaptive optimizers are in results/lr_compensation.md: raise their lr instead"
             )
+        if probabilities == "adversarial" and init == "replicate":
+            raise ValueError(
+                "probabilities='adversarial' with init='replicate' never separates the copies: equal copies get equal "
+                "dL/dp, so p stays uniform and MK degenerates to plain training at lr/e. Use init='independent', or "
+                "probabilities='adv-mk' (Algorithm B.2 re-injects randomness exactly there)"
+            )
         self.model = model
         self.probabilities = probabilities
         self.adversarial_eps = float(adversarial_eps)

@@ -229,6 +229,8 @@ def test_diagnostics_spread_entropy_and_collapse_warning():
 def test_bad_inputs():
     with pytest.raises(ValueError, match="probabilities='sharp' is unknown"):
         make("sharp")
+    with pytest.raises(ValueError, match="with init='replicate' never separates the copies"):
+        mkopt.MKOptimizer(torch.optim.SGD, nn.Linear(3, 3), probabilities="adversarial", lr=0.1)
     with pytest.raises(ValueError, match="adversarial_eps=-1.0 must be a finite number >= 0"):
         make(adversarial_eps=-1.0)
     model, opt = make("adversarial")
