@@ -28,7 +28,13 @@ _EXPANSION_ATTR = "_mkopt_expansion"
 
 @dataclass
 class Expansion:
-    """What :func:`expand` did to a model; kept on the model, read by the optimizer and by deploy."""
+    """What :func:`expand` did to a model; kept on the model, read by the optimizer and by deploy.
+
+    Example:
+        >>> exp = expand(nn.Linear(3, 2), e=4)
+        >>> exp.e, [t.name for t in exp.targets], tuple(exp.store.batch_size)
+        (4, ['weight'], (4,))
+    """
 
     e: int
     init: str
@@ -41,7 +47,13 @@ class Expansion:
 
 
 def expansion_of(model: nn.Module) -> Expansion:
-    """The :class:`Expansion` of an expanded model; a clear error otherwise."""
+    """The :class:`Expansion` of an expanded model; a clear error otherwise.
+
+    Example:
+        >>> net = nn.Linear(3, 2); _ = expand(net, e=2)
+        >>> expansion_of(net).e
+        2
+    """
     found = getattr(model, _EXPANSION_ATTR, None)
     if found is None:
         raise ValueError(

@@ -217,21 +217,26 @@ class MKOptimizer(torch.optim.Optimizer):
         inverse_scale = 1.0
         if scaler is not None and scaler.is_enabled():
             inverse_scale = 1.0 / float(scaler.get_scale())
-        finite = all(bool(torch.isfinite(g).all()) for g in grads)
-        eps = self.adversarial_eps if finite else 0.0
+        # one reduction: the sum is finite iff every entry is (an overflowing sum only skips the ascent)
+        finite = bool(torch.isfinite(torch.stack([g.sum(dtype=torch.float64) for g in grads]).sum()))
+        device = grads[0].device
+        compiled = self.expansion.sampler.compiled
+        compiled = device.type == "cpu" if compiled is None else compiled
         with torch.no_grad():
-            adversarial_ps = [adversarial.adversarial_probabilities(g * inverse_scale, eps) for g in grads]
             if self.probabilities == "adv-mk":
                 sampler.draw(self.mk_step)  # the views now hold this step's Dirichlet draw
-                adversarial_ps = [adversarial.mix_with_random(a, v) for a, v in zip(adversarial_ps, sampler.views)]
-            for view, p in zip(sampler.views, adversarial_ps):
+            entropy_total, elements = 0.0, 0
+            for view, grad in zip(sampler.views, grads):
+                step = torch.tensor(self.adversarial_eps * inverse_scale if finite else 0.0, dtype=grad.dtype, device=device)
                 view.requires_grad_(False)
                 view.grad = None
-                view.copy_(p)
+                entropy = adversarial.compiled_ascend_(view, grad, step, self.probabilities == "adv-mk", compiled)
+                entropy_total += float(entropy)
+                elements += view.numel() // self.e
             torch.autograd.graph.increment_version(sampler.views)
-            total = sum(v.numel() for v in sampler.views) / self.e
-            self.last_p_entropy = float(sum(adversarial.normalized_entropy(v) * (v.numel() / self.e) for v in sampler.views) / total)
+            self.last_p_entropy = entropy_total / elements
         self.optimizer.zero_grad(set_to_none=True)
+        self._p_uniform = False
         self._phase = "descent"
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -253,10 +258,12 @@ class MKOptimizer(torch.optim.Optimizer):
 
     def _arm_probe(self) -> None:
         sampler = self.expansion.sampler
-        sampler.fill_uniform(self.mk_step)
+        if not (self._phase == "probe" and sampler.step == self.mk_step and getattr(self, "_p_uniform", False)):
+            sampler.fill_uniform(self.mk_step)  # skipped when already armed and untouched: no second fill
         for view in sampler.views:
             view.grad = None
             view.requires_grad_(True)
+        self._p_uniform = True
         self._phase = "probe"
 
     # -- collapse, diagnostics, state -------------------------------------------------------

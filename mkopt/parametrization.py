@@ -34,7 +34,9 @@ class _MixCopies(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         p, stacked = ctx.saved_tensors
         grad_stacked = grad_p = None
-        if ctx.needs_input_grad[0]:
+        # An adversarial probe (p requires grad) only needs dL/dp: its weight gradients would be
+        # discarded, so none are made (autograd treats None as zero and leaves .grad alone).
+        if ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]:
             grad_stacked = (p * grad.unsqueeze(0)).to(grad.dtype)  # dL/dW~[k] = p[k] * dL/dW
             if ctx.grad_scale != 1.0:  # lr compensation (Lemma 4.3), see MKOptimizer
                 grad_stacked.mul_(ctx.grad_scale)
@@ -54,7 +56,12 @@ def mix_copies(stacked: torch.Tensor, p: torch.Tensor, grad_scale: float = 1.0) 
 
 
 def mean_of_copies(stacked: torch.Tensor) -> torch.Tensor:
-    """The deployable kernel: the plain mean over copies, accumulated in float32 for fp16/bf16."""
+    """The deployable kernel: the plain mean over copies, accumulated in float32 for fp16/bf16.
+
+    Example:
+        >>> mean_of_copies(torch.tensor([[1.0, 2.0], [3.0, 6.0]]))
+        tensor([2., 4.])
+    """
     if stacked.dtype in _LOW_PRECISION:
         return stacked.mean(0, dtype=torch.float32).to(stacked.dtype)
     return stacked.mean(0)

@@ -46,7 +46,13 @@ class TargetTensor:
 
 
 def is_default_kernel(name: str, tensor: torch.Tensor, module: nn.Module) -> bool:
-    """The paper's kernels: floating parameters with at least 2 dims (biases and norm scales stay plain)."""
+    """The paper's kernels: floating parameters with at least 2 dims (biases and norm scales stay plain).
+
+    Example:
+        >>> lin = nn.Linear(3, 2)
+        >>> is_default_kernel("weight", lin.weight, lin), is_default_kernel("bias", lin.bias, lin)
+        (True, False)
+    """
     return tensor.is_floating_point() and tensor.dim() >= 2
 
 

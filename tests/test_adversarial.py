@@ -168,29 +168,12 @@ def test_resume_is_bit_identical_in_every_mode(mode):
     assert all(torch.equal(u, v) for u, v in zip(first + rest, full))
 
 
-def test_uniform_mode_with_sgd_moves_the_mean_by_lr_over_e():
-    for e in (1, 2, 3, 4):
-        torch.manual_seed(0)
-        plain = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3)).double()
-        model = copy.deepcopy(plain)
-        opt = mkopt.MKOptimizer(torch.optim.SGD, model, e=e, probabilities="uniform", lr=0.1)
-        plain_opt = torch.optim.SGD(plain.parameters(), lr=0.1)
-        before = plain[0].weight.detach().clone()
-        x, y = data()
-        for m, o in ((plain, plain_opt), (model, opt)):
-            o.zero_grad()
-            F.cross_entropy(m(x), y).backward()
-            o.step()
-        baseline_step = plain[0].weight.detach() - before
-        mean_step = model[0].parametrizations.weight.original.detach().mean(0) - before
-        torch.testing.assert_close(mean_step, baseline_step / e, rtol=1e-10, atol=1e-15)
-
-
-def test_lr_compensation_makes_the_mean_move_like_the_baseline():
+def mean_and_baseline_steps(e: int, **mk_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SGD step from identical weights: (step of the MK mean kernel, step of the baseline weight)."""
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3)).double()
     model = copy.deepcopy(plain)
-    opt = mkopt.MKOptimizer(torch.optim.SGD, model, e=3, lr_compensation=True, lr=0.1)  # dirichlet p
+    opt = mkopt.MKOptimizer(torch.optim.SGD, model, e=e, lr=0.1, **mk_kwargs)
     plain_opt = torch.optim.SGD(plain.parameters(), lr=0.1)
     before = plain[0].weight.detach().clone()
     x, y = data()
@@ -199,7 +182,18 @@ def test_lr_compensation_makes_the_mean_move_like_the_baseline():
         F.cross_entropy(m(x), y).backward()
         o.step()
     mean_step = model[0].parametrizations.weight.original.detach().mean(0) - before
-    torch.testing.assert_close(mean_step, plain[0].weight.detach() - before, rtol=1e-10, atol=1e-15)
+    return mean_step, plain[0].weight.detach() - before
+
+
+def test_uniform_mode_with_sgd_moves_the_mean_by_lr_over_e():
+    for e in (1, 2, 3, 4):
+        mean_step, baseline_step = mean_and_baseline_steps(e, probabilities="uniform")
+        torch.testing.assert_close(mean_step, baseline_step / e, rtol=1e-10, atol=1e-15)
+
+
+def test_lr_compensation_makes_the_mean_move_like_the_baseline():
+    mean_step, baseline_step = mean_and_baseline_steps(3, lr_compensation=True)  # dirichlet p
+    torch.testing.assert_close(mean_step, baseline_step, rtol=1e-10, atol=1e-15)
     with pytest.raises(ValueError, match="Adam is scale-invariant"):
         mkopt.MKOptimizer(torch.optim.Adam, nn.Linear(2, 2), lr_compensation=True)
 
