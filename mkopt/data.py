@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import pickle
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,3 +96,104 @@ def load_fashion_mnist(root: str | os.PathLike | None = None) -> tuple[Split, Sp
         return Split(torch.from_numpy(x.copy()).float().div_(255).unsqueeze(1), torch.from_numpy(y.astype(np.int64)))
 
     return split(arrays["x_train"], arrays["y_train"]), split(arrays["x_test"], arrays["y_test"])
+
+
+CIFAR10_SEARCH = ("./data/cifar-10-batches-py", "~/.cache/mkopt/cifar-10-batches-py")
+
+
+def validate_split(x: torch.Tensor, y: torch.Tensor, name: str, classes: int | None = None) -> None:
+    """Shapes and labels a classification split must have; errors say what is wrong and where."""
+    if x.dim() < 2:
+        raise ValueError(f"{name}: x must be [n, ...features] with n samples, got shape {tuple(x.shape)}")
+    if y.dim() != 1 or len(y) != len(x):
+        raise ValueError(f"{name}: y must be [n] labels for the {len(x)} samples of x, got shape {tuple(y.shape)}")
+    if y.dtype.is_floating_point or y.dtype == torch.bool:
+        raise ValueError(f"{name}: labels must be integers 0..C-1, got dtype {y.dtype}")
+    if len(y) and int(y.min()) < 0:
+        raise ValueError(f"{name}: labels must be integers 0..C-1, found {int(y.min())}")
+    if classes is not None and len(y) and int(y.max()) >= classes:
+        raise ValueError(f"{name}: label {int(y.max())} is out of range for {classes} classes (train labels are 0..{classes - 1})")
+
+
+def load_npz(path: str | os.PathLike) -> tuple[Split, Split]:
+    """A user data set: an ``.npz`` with ``x_train, y_train, x_test, y_test`` (features any shape).
+
+    Integer images (uint8) are scaled to [0, 1]; labels must be integers ``0..C-1``.
+
+    Example:
+        >>> import tempfile, numpy as np
+        >>> path = tempfile.mktemp(suffix=".npz")
+        >>> np.savez(path, x_train=np.zeros((4, 3)), y_train=[0, 1, 0, 1], x_test=np.ones((2, 3)), y_test=[1, 0])
+        >>> train, test = load_npz(path); tuple(train.x.shape), test.y.tolist()
+        ((4, 3), [1, 0])
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: pass an .npz with arrays x_train, y_train, x_test, y_test")
+    with np.load(path, allow_pickle=False) as archive:
+        missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in archive.files]
+        if missing:
+            raise ValueError(f"{path} lacks {missing}; it has {sorted(archive.files)} (needed: x_train, y_train, x_test, y_test)")
+        arrays = {k: archive[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+
+    def tensor_x(a: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(a))
+        return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+
+    train = Split(tensor_x(arrays["x_train"]), torch.from_numpy(np.asarray(arrays["y_train"])))
+    test = Split(tensor_x(arrays["x_test"]), torch.from_numpy(np.asarray(arrays["y_test"])))
+    validate_split(train.x, train.y, f"{path} (train)")
+    classes = int(train.y.max()) + 1
+    validate_split(test.x, test.y, f"{path} (test)", classes)
+    if train.x.shape[1:] != test.x.shape[1:]:
+        raise ValueError(f"{path}: x_train samples have shape {tuple(train.x.shape[1:])} but x_test {tuple(test.x.shape[1:])}")
+    return Split(train.x, train.y.long()), Split(test.x, test.y.long())
+
+
+def load_cifar10(root: str | os.PathLike | None = None) -> tuple[Split, Split]:
+    """CIFAR-10 from torchvision's ``cifar-10-batches-py`` folder: [n, 3, 32, 32] floats in [0, 1].
+
+    Get it online with ``torchvision.datasets.CIFAR10('./data', download=True)``.
+    """
+    candidates = [Path(root)] if root is not None else [Path(p).expanduser() for p in CIFAR10_SEARCH]
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    folder = next((c for c in candidates if all((c / n).is_file() for n in names)), None)
+    if folder is None:
+        raise FileNotFoundError(
+            "CIFAR-10 (python format) not found; looked in: " + ", ".join(str(c) for c in candidates)
+            + ". It needs data_batch_1..5 and test_batch: get them online with "
+            "torchvision.datasets.CIFAR10('./data', download=True) (creates ./data/cifar-10-batches-py)"
+        )
+
+    def batch(name: str) -> tuple[np.ndarray, np.ndarray]:
+        with open(folder / name, "rb") as handle:
+            entry = pickle.load(handle, encoding="latin1")
+        data = np.asarray(entry["data"], dtype=np.uint8)
+        if data.ndim != 2 or data.shape[1] != 3072:
+            raise ValueError(f"{folder / name}: expected data of shape [n, 3072], got {data.shape}")
+        return data.reshape(-1, 3, 32, 32), np.asarray(entry["labels"], dtype=np.int64)
+
+    parts = [batch(n) for n in names]
+    train_x = np.concatenate([p[0] for p in parts[:5]])
+    train_y = np.concatenate([p[1] for p in parts[:5]])
+    train = Split(torch.from_numpy(train_x).float().div_(255), torch.from_numpy(train_y))
+    test = Split(torch.from_numpy(parts[5][0]).float().div_(255), torch.from_numpy(parts[5][1]))
+    validate_split(train.x, train.y, f"{folder} (train)", 10)
+    validate_split(test.x, test.y, f"{folder} (test)", 10)
+    return train, test
+
+
+def validation_split(train: Split, fraction: float = 0.1, seed: int = 0) -> tuple[Split, Split]:
+    """A fixed, seeded (train, validation) split carved from ``train`` (validation is for lr selection only).
+
+    Example:
+        >>> full = Split(torch.arange(10.0).unsqueeze(1), torch.arange(10) % 2)
+        >>> fit, val = validation_split(full, 0.2, seed=0); len(fit), len(val)
+        (8, 2)
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"validation fraction={fraction} must be in (0, 1)")
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    cut = int(round(len(train) * fraction))
+    held, kept = order[:cut], order[cut:]
+    return Split(train.x[kept], train.y[kept]), Split(train.x[held], train.y[held])
