@@ -1,0 +1,1 @@
+"""The paper's experiment harness: models, methods, resumable sweeps, launchers and reports."""

@@ -1,0 +1,83 @@
+"""One run of a sweep: its specification, a stable id, and an atomically written result file."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything that determines one training run (and so its result file)."""
+
+    method: str
+    arch: str
+    optimizer: str  # "adam" | "sgd"
+    lr: float
+    seed: int
+    epochs: int
+    dataset: str = "fashion-mnist"
+    batch: int = 256
+    e: int = 3
+    options: tuple[tuple[str, Any], ...] = field(default_factory=tuple)  # method-specific, sorted
+
+    @property
+    def run_id(self) -> str:
+        extra = "".join(f"-{k}{v}" for k, v in self.options)
+        return f"{self.dataset}/{self.method}/{self.arch}-{self.optimizer}-lr{self.lr:.6g}-s{self.seed}-ep{self.epochs}-e{self.e}-b{self.batch}{extra}"
+
+    def option(self, name: str, default: Any = None) -> Any:
+        return dict(self.options).get(name, default)
+
+
+class ResultStore:
+    """``root/<run_id>.json`` per finished run; writes are atomic (temp file + ``os.replace``).
+
+    Example:
+        >>> store = ResultStore(tempfile.mkdtemp())
+        >>> spec = RunSpec("baseline", "A1", "adam", 0.001, 0, 1)
+        >>> store.done(spec), store.write(spec, {"test_accuracy": 0.5}), store.done(spec)
+        (False, None, True)
+    """
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+
+    def path(self, spec: RunSpec) -> Path:
+        return self.root / f"{spec.run_id}.json"
+
+    def done(self, spec: RunSpec) -> bool:
+        return self.path(spec).is_file()
+
+    def write(self, spec: RunSpec, result: dict[str, Any]) -> None:
+        path = self.path(spec)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = json.dumps({"spec": asdict(spec), "result": result}, indent=1)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+        try:
+            with os.fdopen(handle, "w") as out:
+                out.write(payload)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(temporary, path)  # a killed writer leaves a .tmp file, never a half "done" run
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+
+    def read(self, spec: RunSpec) -> dict[str, Any]:
+        return json.loads(self.path(spec).read_text())["result"]
+
+    def all(self) -> list[tuple[RunSpec, dict[str, Any]]]:
+        found = []
+        for path in sorted(self.root.rglob("*.json")):
+            if path.name.startswith(".tmp-"):
+                continue
+            record = json.loads(path.read_text())
+            spec = record["spec"]
+            spec["options"] = tuple(tuple(kv) for kv in spec.get("options", ()))
+            found.append((RunSpec(**spec), record["result"]))
+        return found
