@@ -27,6 +27,7 @@ def knn_similarity_graph(rows: torch.Tensor, t: int = 10) -> torch.Tensor:
     """
     unit = torch.nn.functional.normalize(rows, dim=1)
     similarity = unit @ unit.T
+    similarity = (similarity + similarity.T) / 2  # exactly symmetric: a matmul need not be
     similarity.fill_diagonal_(float("-inf"))
     k = min(t, rows.shape[0] - 1)
     mask = torch.zeros_like(similarity, dtype=torch.bool)
