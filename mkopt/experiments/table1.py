@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist | cifar10 | npz:PATH")
     parser.add_argument("--runs", type=Path, default=None, help="result store (default runs/table1-<quick|full>)")
     parser.add_argument("--out", type=Path, default=None, help="table + figures (default: same as --runs)")
-    parser.add_argument("--workers", type=int, default=1, help="local worker processes (each with 2/workers threads)")
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="local worker processes, each with cpus/workers threads (default: 2)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
 
 
