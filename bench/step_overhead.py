@@ -28,6 +28,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mkopt  # noqa: E402
+from mkopt.experiments.models import mlp  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -40,16 +41,6 @@ class Config:
     mode: str = "dirichlet"
 
 
-def mlp(hidden: list[int]) -> nn.Module:
-    layers: list[nn.Module] = [nn.Flatten()]
-    width = 3072
-    for h in hidden:
-        layers += [nn.Linear(width, h), nn.ReLU()]
-        width = h
-    layers.append(nn.Linear(width, 10))
-    return nn.Sequential(*layers)
-
-
 def small_cnn() -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
@@ -60,7 +51,7 @@ def small_cnn() -> nn.Module:
 
 def build_model(name: str) -> nn.Module:
     if name.startswith("mlp"):
-        return mlp([int(h) for h in name[3:].split("-")])
+        return mlp(tuple(int(h) for h in name[3:].split("-")), inputs=3072, classes=10)
     if name == "cnn":
         return small_cnn()
     if name == "resnet18":
@@ -197,7 +188,7 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     machine = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     header = [
-        f"# step_overhead: MK(e) / baseline, measured side by side",
+        "# step_overhead: MK(e) / baseline, measured side by side",
         "",
         f"command: `python bench/step_overhead.py {' '.join(sys.argv[1:])}`  ",
         f"commit: {commit}, torch {torch.__version__}, device: {args.device} ({machine}), "

@@ -22,6 +22,7 @@ from torch import nn
 
 from . import MKOptimizer, deploy
 from .data import Split, load_fashion_mnist
+from .experiments.models import arch
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,13 +32,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--e", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
-
-
-def a3_mlp(inputs: int = 784, classes: int = 10) -> nn.Module:
-    return nn.Sequential(
-        nn.Flatten(), nn.Linear(inputs, 400), nn.ReLU(), nn.Linear(400, 200), nn.ReLU(),
-        nn.Linear(200, 100), nn.ReLU(), nn.Linear(100, classes),
-    )  # fmt: skip
 
 
 @torch.no_grad()
@@ -80,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     train_set = Split((train_set.x - mean) / std, train_set.y)
     test_set = Split((test_set.x - mean) / std, test_set.y)
     torch.manual_seed(args.seed)
-    initial = a3_mlp()
+    initial = arch("A3", 784, 10)
     baseline, mk_model = copy.deepcopy(initial), copy.deepcopy(initial)
 
     start = time.perf_counter()
@@ -93,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
 
     plain = deploy(mk_model).eval()
     same_predictions = bool(torch.equal(predictions(plain, test_set), predictions(mk_model, test_set)))
-    reference = a3_mlp()
+    reference = arch("A3", 784, 10)
     reference.load_state_dict(plain.state_dict())  # strict: the deployed weights fit the plain class
     params = sum(p.numel() for p in plain.parameters())
     checks = {

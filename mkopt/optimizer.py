@@ -12,7 +12,7 @@ from torch import nn
 
 from . import adversarial
 from .deploy import collapse
-from .diagnostics import KernelCollapseWarning, copy_spread
+from .diagnostics import copy_spread
 from .expand import Expansion, Init, expand
 from .targets import TargetSpec
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from mkopt.experiments import methods
 from mkopt.experiments.launcher import InlineLauncher
 from mkopt.experiments.report import table
-from mkopt.experiments.runs import ResultStore, RunSpec
+from mkopt.experiments.runs import RunSpec
 from mkopt.experiments.sweep import SweepConfig, load_dataset, run_sweep
 
 TINY = dict(dataset="synthetic", archs=("A1",), optimizers=("adam",), lrs={"adam": [1e-3, 1e-2]}, seeds=(0, 1), base_epochs=1, long_epochs=1)

@@ -99,12 +99,7 @@ def plot_curves(store: ResultStore, config: SweepConfig, out_dir: Path) -> list[
         if c:
             ax.plot(range(1, len(c["test_loss"]) + 1), c["test_loss"], marker="o", ms=3, label=LABELS[method])
     ax.set(xlabel="epoch", ylabel="test loss (NLL)", title=f"{config.dataset}, {arch}, {optimizer} (Fig. 5.3 analog)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    written.append(out_dir / "test_loss_baseline_vs_mk.png")
-    fig.savefig(written[-1])
-    plt.close(fig)
+    written.append(_save(fig, ax, out_dir / "test_loss_baseline_vs_mk.png"))
 
     fig, ax = plt.subplots(figsize=(5, 3.4), dpi=120)
     big = config.archs[-1]
@@ -114,10 +109,16 @@ def plot_curves(store: ResultStore, config: SweepConfig, out_dir: Path) -> list[
             gap = [100 * (tr - te) for tr, te in zip(c["train_accuracy"], c["test_accuracy"])]
             ax.plot(range(1, len(gap) + 1), gap, marker="o", ms=3, label=LABELS[method])
     ax.set(xlabel="epoch", ylabel="train - test accuracy (points)", title=f"{config.dataset}, {big}, {optimizer}: generalization gap")
+    written.append(_save(fig, ax, out_dir / "generalization_gap.png"))
+    return written
+
+
+def _save(fig, ax, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    written.append(out_dir / "generalization_gap.png")
-    fig.savefig(written[-1])
+    fig.savefig(path)
     plt.close(fig)
-    return written
+    return path
