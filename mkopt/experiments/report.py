@@ -61,6 +61,7 @@ def table(store: ResultStore, config: SweepConfig, command: str) -> str:
         f"command: `{command}`  ",
         f"commit {commit}; seeds {list(config.seeds)} (lr chosen at seed {config.seeds[0]}); epochs: {config.base_epochs} "
         f"(baseline, ensemble members, distilled, subset), {config.long_epochs} (baseline-long, MK, Adv-MK); batch {config.batch}; "
+        f"MK copies init={config.mk_init}; "
         f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "",
         "| method | arch | Adam | SGD | paper CIFAR-10 Adam | paper CIFAR-10 SGD |",

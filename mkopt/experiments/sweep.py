@@ -44,12 +44,14 @@ class SweepConfig:
     long_epochs: int = LONG_EPOCHS
     e: int = 3
     batch: int = 256
+    mk_init: str = "replicate"  # init of the MK copies (mk, adv-mk); "independent" for the ablation
 
     def epochs(self, method: str) -> int:
         return self.long_epochs if method in ("baseline-long", "mk", "adv-mk") else self.base_epochs
 
     def spec(self, method: str, arch: str, optimizer: str, lr: float, seed: int) -> RunSpec:
-        return RunSpec(method, arch, optimizer, lr, seed, self.epochs(method), self.dataset, self.batch, self.e)
+        options = (("init", self.mk_init),) if method in ("mk", "adv-mk") and self.mk_init != "replicate" else ()
+        return RunSpec(method, arch, optimizer, lr, seed, self.epochs(method), self.dataset, self.batch, self.e, options)
 
 
 @functools.lru_cache(maxsize=4)

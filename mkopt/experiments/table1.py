@@ -26,15 +26,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, help="table + figures (default: same as --runs)")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="local worker processes, each with cpus/workers threads (default: 2)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--mk-init", default="replicate", choices=["replicate", "independent"], help="init of the MK copies (ablation)")
 
 
 def config_for(args: argparse.Namespace) -> SweepConfig:
     if args.full:
-        return SweepConfig(dataset=args.dataset, methods=tuple(args.methods))
+        return SweepConfig(dataset=args.dataset, methods=tuple(args.methods), mk_init=args.mk_init)
     quick_lrs = {o: [grid[4], grid[6]] for o, grid in LR_GRID.items()}  # 1.5^0 and 1.5^2 times the base lr
     return SweepConfig(
         dataset=args.dataset, archs=("A1", "A2"), methods=tuple(args.methods), lrs=quick_lrs,
-        seeds=(0, 1), base_epochs=2, long_epochs=4,
+        seeds=(0, 1), base_epochs=2, long_epochs=4, mk_init=args.mk_init,
     )  # fmt: skip
 
 
