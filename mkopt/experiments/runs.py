@@ -10,6 +10,31 @@ from pathlib import Path
 from typing import Any
 
 
+def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
+    """Write ``payload`` as JSON to ``path`` so that readers see the old file or the whole new one.
+
+    A temp file in the same folder is fsynced and then ``os.replace``d: a killed writer leaves a
+    ``.tmp-*`` file, never a half-written result.
+
+    Example:
+        >>> path = Path(tempfile.mkdtemp()) / "r.json"
+        >>> write_json_atomic(path, {"accuracy": 0.5}); json.loads(path.read_text())
+        {'accuracy': 0.5}
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(handle, "w") as out:
+            out.write(json.dumps(payload, indent=1))
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """Everything that determines one training run (and so its result file)."""
@@ -56,17 +81,8 @@ class ResultStore:
     def write(self, spec: RunSpec, result: dict[str, Any]) -> None:
         path = self.path(spec)
         path.parent.mkdir(parents=True, exist_ok=True)
-        payload = json.dumps({"spec": asdict(spec), "result": result}, indent=1)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-        try:
-            with os.fdopen(handle, "w") as out:
-                out.write(payload)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(temporary, path)  # a killed writer leaves a .tmp file, never a half "done" run
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        payload = {"spec": asdict(spec), "result": result}
+        write_json_atomic(path, payload)
 
     def read(self, spec: RunSpec) -> dict[str, Any]:
         return json.loads(self.path(spec).read_text())["result"]
