@@ -82,6 +82,11 @@ class MKOptimizer(torch.optim.Optimizer):
         _check_optimizer_cls(optimizer_cls)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            raise TypeError(
+                f"model is wrapped in {type(model).__name__}, whose gradient buckets were sized for the unexpanded "
+                "tensors: build MKOptimizer on the bare model first, then wrap it (mkopt.distributed.wrap_model)"
+            )
         _check_mode(probabilities, adversarial_eps)
         if lr_compensation and not issubclass(optimizer_cls, torch.optim.SGD):
             raise ValueError(

@@ -37,7 +37,10 @@ class _MixCopies(torch.autograd.Function):
         # An adversarial probe (p requires grad) only needs dL/dp: its weight gradients would be
         # discarded, so none are made (autograd treats None as zero and leaves .grad alone).
         if ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]:
-            grad_stacked = (p * grad.unsqueeze(0)).to(grad.dtype)  # dL/dW~[k] = p[k] * dL/dW
+            # dL/dW~[k] = p[k] * dL/dW, written contiguous like the stack (a channels_last conv hands back a
+            # channels_last dL/dW): AccumulateGrad and DDP's buckets then take it without a layout copy
+            grad_stacked = torch.empty((p.shape[0], *grad.shape), dtype=grad.dtype, device=grad.device)
+            torch.mul(p, grad.unsqueeze(0), out=grad_stacked)
             if ctx.grad_scale != 1.0:  # lr compensation (Lemma 4.3), see MKOptimizer
                 grad_stacked.mul_(ctx.grad_scale)
         if ctx.needs_input_grad[1]:

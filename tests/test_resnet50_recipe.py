@@ -1,0 +1,138 @@
+"""recipes/resnet50_imagenet.py end to end on a tiny generated ImageFolder (CPU, ResNet-50 at width 8, 32 px)."""
+
+from __future__ import annotations
+
+import csv
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from mkopt.job import RecipeJob, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "resnet50_imagenet.py"
+CONFIGS = sorted((ROOT / "recipes" / "configs" / "resnet50_imagenet").glob("*.yaml"))
+CLASSES = 3
+MK_AMP = ("amp=fp16", "amp_init_scale=256")  # CPU autocast + GradScaler: the scaler's state is part of the resumed state
+recipe = load_recipe(RECIPE)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a busy 2-core machine two threads spin on each other (10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def imagenet(tmp_path_factory) -> Path:
+    """3 classes of random 40x40 JPEGs: 8 per class for training, 3 for validation."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("tiny-imagenet")
+    g = torch.Generator().manual_seed(0)
+    for split, count in (("train", 8), ("val", 3)):
+        for c in range(CLASSES):
+            folder = root / split / f"n0000{c}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = torch.randint(0, 256, (40, 40, 3), generator=g, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).save(folder / f"{i}.JPEG", quality=90)
+    return root
+
+
+def tiny(variant: str, imagenet: Path, out: Path, *extra: str) -> dict:
+    overrides = [
+        f"data.root={imagenet}", f"out={out}", "data.image_size=32", "data.eval_resize=36", "data.workers=0",
+        "data.eval_batch=16", f"model.num_classes={CLASSES}", "model.width_per_group=8", "optim.batch_size=8",
+        "schedule.epochs=2", "schedule.milestones=[1]", "device=cpu", "amp=off", "deterministic=true",
+        "log.progress=false", "mk.sampler_compile=false", *extra,
+    ]  # fmt: skip
+    return recipe.load_config(ROOT / "recipes" / "configs" / "resnet50_imagenet" / f"{variant}.yaml", overrides)
+
+
+def deployed(out: Path) -> dict[str, torch.Tensor]:
+    return torch.load(out / "model_deployed.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def runs(imagenet, tmp_path_factory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("runs")
+    RecipeJob(RECIPE, tiny("baseline", imagenet, base / "baseline"))()
+    RecipeJob(RECIPE, tiny("mk", imagenet, base / "mk", *MK_AMP))()
+    return {"baseline": base / "baseline", "mk": base / "mk", "base": base}
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_every_config_loads_and_validates(config, tmp_path):
+    cfg = recipe.load_config(config, [f"data.root={tmp_path}"])
+    assert cfg["model"]["arch"] == "resnet50" and cfg["optim"]["lr_per_256"] == 0.1
+    assert config.read_text().startswith("# ResNet-50 / ImageNet") and "--config recipes/configs/resnet50_imagenet/" in config.read_text()
+    with pytest.raises(SystemExit, match="unknown key 'optim.lr'"):
+        recipe.load_config(config, ["optim.lr=0.1"])
+
+
+@pytest.mark.parametrize("method", ["baseline", "mk"])
+def test_runs_end_to_end_and_deploys_a_plain_torchvision_resnet50(runs, method):
+    out = runs[method]
+    rows = list(csv.DictReader((out / "log.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2] and all(0 <= float(r["top1"]) <= 1 for r in rows)
+    assert float(rows[1]["lr"]) == pytest.approx(float(rows[0]["lr"]) * 0.1)  # milestone at epoch 1
+    plain = torchvision.models.resnet50(num_classes=CLASSES, width_per_group=8)
+    plain.load_state_dict(deployed(out), strict=True)
+    assert len(list((out / "checkpoints").glob("ckpt-*.pt"))) == 2  # the newest and the previous good one
+
+
+def test_preempted_run_resumes_to_bit_identical_weights(runs, imagenet):
+    """SIGUSR2 after step 2 (of 6): checkpoint at the step boundary, requeue, resume; same final weights."""
+    out = runs["base"] / "mk-preempted"
+    job = RecipeJob(RECIPE, tiny("mk", imagenet, out, *MK_AMP, "debug.signal_at_step=2"))
+    requeued = []
+
+    class Preempted(Exception):
+        pass
+
+    def submitit_like_handler(signum, frame):  # what submitit's handler does on rank 0, minus sbatch
+        requeued.append(job.checkpoint())
+        raise Preempted
+
+    previous = signal.signal(signal.SIGUSR2, submitit_like_handler)
+    try:
+        with pytest.raises(Preempted):
+            job()
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert not (out / "model_deployed.pt").exists()
+    saved = torch.load(out / "checkpoints" / "ckpt-0000000002.pt", weights_only=True)
+    assert saved["progress"]["step"] == 2 and saved["optimizer"]["mkopt"]["step"] == 2
+    resubmitted = requeued[0].function  # a fresh RecipeJob: pickles without live state
+    assert isinstance(resubmitted, RecipeJob) and resubmitted is not job
+    resubmitted()
+    reference, resumed = deployed(runs["mk"]), deployed(out)
+    assert reference.keys() == resumed.keys()
+    for key in reference:
+        assert torch.equal(reference[key], resumed[key]), key
+    losses = [[r["train_loss"] for r in csv.DictReader((o / "log.csv").open())] for o in (runs["mk"], out)]
+    assert losses[0] == losses[1]
+
+
+def test_resume_with_another_config_is_refused(runs, imagenet):
+    with pytest.raises(ValueError, match=r"another config: .*optim.momentum"):
+        RecipeJob(RECIPE, tiny("mk", imagenet, runs["mk"], *MK_AMP, "optim.momentum=0.5"))()
+
+
+def test_adv_mk_ensemble_and_distilled_variants_run(runs, imagenet):
+    one_epoch = ("schedule.epochs=1", "schedule.milestones=[]")
+    adv = RecipeJob(RECIPE, tiny("adv_mk", imagenet, runs["base"] / "adv", *one_epoch, "amp=bf16"))()
+    assert adv["mk"]["probabilities"] == "adv-mk" and adv["steps"] == 3
+    torchvision.models.resnet50(num_classes=CLASSES, width_per_group=8).load_state_dict(deployed(runs["base"] / "adv"))
+    members = f"[{runs['baseline']},{runs['mk']}]"
+    ensemble = RecipeJob(RECIPE, tiny("ensemble", imagenet, runs["base"] / "ens", f"ensemble.members={members}"))()
+    assert 0 <= ensemble["final"]["top1"] <= 1 and (runs["base"] / "ens" / "result.json").exists()
+    distilled = RecipeJob(RECIPE, tiny("distilled", imagenet, runs["base"] / "kd", *one_epoch, f"distill.teachers={members}"))()
+    assert distilled["steps"] == 3 and distilled["mk"] is None
