@@ -1,6 +1,7 @@
 """One interface to run many independent jobs: in-process, or on a local process pool.
 
-The SLURM launcher (submitit) implements the same ``Launcher`` protocol.
+:mod:`mkopt.launch` adds submitit's local executor and SLURM job arrays behind the same ``Launcher``
+protocol, and ``make_launcher(kind, ...)`` to pick one by name.
 """
 
 from __future__ import annotations

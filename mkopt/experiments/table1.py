@@ -3,7 +3,9 @@
 The quick version (default, ~6 min on 2 cores) runs A1 and A2, both optimizers, two learning
 rates and two seeds with a short epoch budget (2 / 4 epochs); ``--full`` runs the paper's grid
 (A1-A3, ten learning rates, three seeds, 5 / 10 epochs; ~2.5 h on 2 cores with ``--workers 2``). Results go to ``--runs`` (one JSON per run; a
-rerun resumes), the table and figures to ``--out``.
+rerun resumes), the table and figures to ``--out``. ``--launcher slurm --profile slurm/profiles/X.yaml``
+submits each phase of the sweep as a SLURM job array (``local``: submitit's local executor); this
+process gathers the results as jobs finish, and a resubmitted sweep skips the finished runs.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-from .launcher import InlineLauncher, LocalPoolLauncher
+from .. import launch
+from .launcher import Launcher
 from .methods import LR_GRID, METHODS
 from .report import plot_curves, table
 from .sweep import SweepConfig, run_sweep
@@ -27,6 +30,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="local worker processes, each with cpus/workers threads (default: 2)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--mk-init", default="replicate", choices=["replicate", "independent"], help="init of the MK copies (ablation)")
+    launch.add_launcher_arguments(parser)  # --launcher inline|pool|local|slurm --profile --job-dir --cluster
+
+
+def make_launcher(args: argparse.Namespace) -> Launcher:
+    """``--launcher`` (default: ``pool`` when ``--workers`` > 1, else ``inline``) with its settings.
+
+    Each pool worker gets cpus/workers torch threads; each local/SLURM job gets ``cpus_per_task``.
+    """
+    launcher = launch.launcher_from_args(args, workers=args.workers)
+    if isinstance(launcher, launch.SubmititLauncher):
+        os.environ.setdefault("MKOPT_THREADS", str(launcher.profile.cpus_per_task))  # jobs inherit the environment
+    elif args.workers > 1 and args.launcher in (None, "pool"):
+        os.environ.setdefault("MKOPT_THREADS", str(max(1, (os.cpu_count() or 2) // args.workers)))
+    return launcher
 
 
 def config_for(args: argparse.Namespace) -> SweepConfig:
@@ -43,11 +60,9 @@ def run(args: argparse.Namespace) -> int:
     config = config_for(args)
     runs = args.runs or Path("runs") / f"table1-{'full' if args.full else 'quick'}"
     out = args.out or runs
-    if args.workers > 1:
-        os.environ.setdefault("MKOPT_THREADS", str(max(1, (os.cpu_count() or 2) // args.workers)))
-        launcher = LocalPoolLauncher(args.workers)
-    else:
-        launcher = InlineLauncher()
+    launcher = make_launcher(args)
+    if isinstance(launcher, launch.SubmititLauncher):
+        runs = runs.resolve()  # jobs may start in another working directory
     store = run_sweep(config, runs, launcher)
     command = "mkopt table1 " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["table1"] else sys.argv[1:])
     text = table(store, config, command.strip())
