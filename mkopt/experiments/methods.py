@@ -38,10 +38,8 @@ OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
     "adam": (torch.optim.Adam, {}),
     "sgd": (torch.optim.SGD, {}),  # plain SGD, as in the paper's section 5.1
 }
-LR_GRID: dict[str, list[float]] = {
-    "adam": [0.001 * 1.5**i for i in range(-4, 6)],
-    "sgd": [0.025 * 1.5**i for i in range(-4, 6)],
-}
+LR_BASE: dict[str, float] = {"adam": 0.001, "sgd": 0.025}
+LR_GRID: dict[str, list[float]] = {o: [base * 1.5**i for i in range(-4, 6)] for o, base in LR_BASE.items()}  # the paper's grid
 DISTILL_TEMPERATURE = 4.0
 DISTILL_ALPHA = 0.9
 

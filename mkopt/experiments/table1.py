@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .. import launch
 from .launcher import Launcher
-from .methods import LR_GRID, METHODS
+from .methods import LR_BASE, LR_GRID, METHODS
 from .report import plot_curves, table
 from .sweep import SweepConfig, run_sweep
 
@@ -29,6 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, help="table + figures (default: same as --runs)")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="local worker processes, each with cpus/workers threads (default: 2)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--archs", nargs="+", default=None, choices=["A1", "A2", "A3"], help="subset of architectures (ablations)")
+    parser.add_argument("--optimizers", nargs="+", default=None, choices=["adam", "sgd"], help="subset of optimizers (ablations)")
+    parser.add_argument("--lr-steps", nargs=2, type=int, default=None, metavar=("LO", "HI"),
+                        help="with --full: lr grid base * 1.5^i for i in [LO, HI] (paper: -4 5); finished runs are reused")
     parser.add_argument("--mk-init", default="replicate", choices=["replicate", "independent"], help="init of the MK copies (ablation)")
     launch.add_launcher_arguments(parser)  # --launcher inline|pool|local|slurm --profile --job-dir --cluster
 
@@ -47,12 +51,21 @@ def make_launcher(args: argparse.Namespace) -> Launcher:
 
 
 def config_for(args: argparse.Namespace) -> SweepConfig:
+    subset = {k: tuple(v) for k, v in (("archs", args.archs), ("optimizers", args.optimizers)) if v}
     if args.full:
-        return SweepConfig(dataset=args.dataset, methods=tuple(args.methods), mk_init=args.mk_init)
+        lrs = dict(LR_GRID)
+        if args.lr_steps:
+            low, high = args.lr_steps
+            if low > high:
+                raise SystemExit(f"--lr-steps {low} {high}: LO must be <= HI")
+            lrs = {o: [base * 1.5**i for i in range(low, high + 1)] for o, base in LR_BASE.items()}
+        return SweepConfig(dataset=args.dataset, methods=tuple(args.methods), mk_init=args.mk_init, lrs=lrs, **subset)
+    if args.lr_steps:
+        raise SystemExit("--lr-steps needs --full (the quick run uses two fixed learning rates)")
     quick_lrs = {o: [grid[4], grid[6]] for o, grid in LR_GRID.items()}  # 1.5^0 and 1.5^2 times the base lr
     return SweepConfig(
-        dataset=args.dataset, archs=("A1", "A2"), methods=tuple(args.methods), lrs=quick_lrs,
-        seeds=(0, 1), base_epochs=2, long_epochs=4, mk_init=args.mk_init,
+        dataset=args.dataset, methods=tuple(args.methods), lrs=quick_lrs,
+        seeds=(0, 1), base_epochs=2, long_epochs=4, mk_init=args.mk_init, **{"archs": ("A1", "A2"), **subset},
     )  # fmt: skip
 
 
