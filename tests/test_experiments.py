@@ -1,6 +1,7 @@
 """The Table-1 harness on generated data: methods, resumable sweep, report."""
 
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -98,3 +99,21 @@ def test_mk_methods_report_the_deployed_size():
         result = methods.train(trainee, RunSpec(method, "A1", "sgd", 0.1, 0, 1, "synthetic", batch=100), fit, val, test)
         assert result["deployed_parameters"] == plain.parameters_deployed()
         assert 0 <= result["test_accuracy"] <= 1 and len(result["curves"]["test_loss"]) == 1
+
+
+def test_table1_ablation_flags_extend_the_paper_grid_and_reuse_its_runs():
+    import argparse
+
+    from mkopt.experiments import table1
+    from mkopt.experiments.methods import LR_GRID
+
+    parser = argparse.ArgumentParser()
+    table1.add_arguments(parser)
+    config = table1.config_for(parser.parse_args("--full --methods mk --optimizers sgd --archs A3 --lr-steps -4 8".split()))
+    assert config.archs == ("A3",) and config.optimizers == ("sgd",) and config.methods == ("mk",)
+    assert config.lrs["sgd"][:10] == LR_GRID["sgd"]  # bit-equal floats: same run ids, finished runs are skipped
+    assert config.lrs["sgd"][10:] == [0.025 * 1.5**i for i in (6, 7, 8)]
+    with pytest.raises(SystemExit, match="--full"):
+        table1.config_for(parser.parse_args("--lr-steps -4 8".split()))
+    with pytest.raises(SystemExit, match="LO must be"):
+        table1.config_for(parser.parse_args("--full --lr-steps 3 1".split()))
