@@ -67,10 +67,13 @@ def save_atomic(state: dict, path: Path) -> None:
 
 
 def commit_of_tree() -> str:
+    """HEAD, with "-dirty" when tracked files differ from it (then HEAD alone did not produce the result)."""
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return head + ("-dirty" if dirty else "")
 
 
 def main(argv: list[str] | None = None) -> None:
