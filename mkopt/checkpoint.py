@@ -99,6 +99,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=_TEMP_PREFIX, suffix=path.suffix)
     try:
         with os.fdopen(handle, "wb") as out:
+            # mkstemp creates the file with mode 0600; give it the mode open() would (0666 minus the
+            # umask), so checkpoints and results on a shared cluster stay group-readable.
+            os.chmod(temporary, 0o666 & ~_current_umask())
             write(out)
             out.flush()
             os.fsync(out.fileno())
@@ -107,6 +110,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
         Path(temporary).unlink(missing_ok=True)
         raise
     _fsync_directory(path.parent)
+
+
+def _current_umask() -> int:
+    """The process umask, read without changing it where Linux allows (``/proc/self/status``)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (the only portable way to read it)
+    os.umask(mask)
+    return mask
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> CheckpointInfo:
@@ -165,7 +182,15 @@ class CheckpointStore:
         for stale in self.directory.glob(_TEMP_PREFIX + "*"):
             stale.unlink(missing_ok=True)  # left by a writer that was killed (one writer per directory)
         info = atomic_save(state, self.path(step))
-        entries = [info] + [e for e in self._manifest_entries(warn=False) if e.file != info.file]
+        # Keep only older entries that still look usable. After a fallback (the newest checkpoint was
+        # corrupt and the run resumed from an older one), the manifest still lists the corrupt newer
+        # step first: without this filter it would stay "newest" and the good checkpoint this run
+        # resumed from would be pruned. Entries at or beyond ``step`` belong to the abandoned
+        # timeline; a missing file or a size that differs from the recorded one is unusable (the cheap
+        # check; the SHA-256 is verified on load).
+        entries = [info] + [
+            e for e in self._manifest_entries(warn=False) if e.step < step and self._looks_usable(e)
+        ]
         entries = entries[: self.keep]
         manifest = {"format": _FORMAT, "version": 1, "checkpoints": [e.__dict__ for e in entries]}
         atomic_write(self.directory / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
@@ -207,6 +232,12 @@ class CheckpointStore:
                 + "\nremove the directory (or point the run at a new one) to start from scratch"
             )
         return None
+
+    def _looks_usable(self, entry: CheckpointInfo) -> bool:
+        try:
+            return (self.directory / entry.file).stat().st_size == entry.bytes
+        except OSError:
+            return False
 
     def _files(self) -> list[Path]:
         found = [(int(m[1]), p) for p in self.directory.iterdir() if (m := _CHECKPOINT.match(p.name))]

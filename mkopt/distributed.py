@@ -222,7 +222,28 @@ def _ranks_from_environment() -> tuple[int, int, int, int | None, str]:
             # overwrite: a MASTER_PORT set by the user is the one the helper read; the device is chosen below
             env.export(set_cuda_visible_devices=False, overwrite=True)
         return env.rank, env.world_size, env.local_rank, env.local_world_size, "submitit"
+    _refuse_plain_multitask_srun()
     return 0, 1, 0, 1, "single"
+
+
+def _refuse_plain_multitask_srun() -> None:
+    """Raise under ``srun -n2 python recipe.py``: without this every task would become rank 0 of its
+    own single-process run (same data, same outputs, each overwriting the others' checkpoints).
+
+    ``srun`` sets ``SLURM_STEP_NUM_TASKS`` (the tasks of this step) and ``SLURM_PROCID`` (this task's
+    rank). ``SLURM_NTASKS`` alone is not used: a batch script of an ``sbatch -n 8`` allocation sees
+    ``SLURM_NTASKS=8`` but runs once (``SLURM_PROCID=0``, no step variables), a legitimate single process.
+    """
+    step_tasks = os.environ.get("SLURM_STEP_NUM_TASKS", "").strip()
+    procid = os.environ.get("SLURM_PROCID", "").strip()
+    many = (step_tasks.isdigit() and int(step_tasks) > 1) or (procid.isdigit() and int(procid) > 0)
+    if many:
+        raise RuntimeError(
+            f"this process is task {procid or '?'} of a {step_tasks or 'multi'}-task SLURM step (srun) but no "
+            "torchrun or submitit variables are set, so every task would train alone as rank 0. Launch one task "
+            "per node running torchrun (srun -n1 torchrun --nproc_per_node=N ...), or submit the recipe with "
+            "mkopt.job.RecipeJob through mkopt.launch (submitit sets the ranks); or run one task (srun -n1)"
+        )
 
 
 def _pick_device(device: str | torch.device | None, local_rank: int, local_world_size: int | None) -> torch.device:

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .experiments.launcher import InlineLauncher, Launcher, LocalPoolLauncher
+from .experiments.recipe_config import parse_overrides  # the one key=value parser (re-exported: --cluster values)
 
 __all__ = [
     "LAUNCHERS",
@@ -254,24 +255,6 @@ def load_profile(path: str | os.PathLike | None = None, **overrides: Any) -> Clu
         raise type(error)(f"{where}: {error}") from None
 
 
-def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:
-    """``["key=value", ...]`` (CLI ``--cluster`` arguments) → a dict; values are parsed as YAML.
-
-    Example:
-        >>> parse_overrides(["partition=gpu", "gpus_per_task=2", "account=null", 'setup=["module load cuda"]'])
-        {'partition': 'gpu', 'gpus_per_task': 2, 'account': None, 'setup': ['module load cuda']}
-    """
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"cluster override {pair!r} must look like key=value (e.g. partition=gpu); keys: {', '.join(ClusterProfile.keys())}")
-        import yaml
-
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # the job folder
 
@@ -418,7 +401,9 @@ class SubmititLauncher:
             self.profile.local_parameters()  # validates (one node)
         self.job_dir = resolve_job_dir(job_dir, self.profile)
         cpus = os.cpu_count() or 1
-        self.max_running = max_running if max_running is not None else max(1, cpus // self.profile.cpus_per_task)
+        # A local job runs tasks_per_node processes of cpus_per_task CPUs each on this machine.
+        per_job = self.profile.cpus_per_task * self.profile.tasks_per_node
+        self.max_running = max_running if max_running is not None else max(1, cpus // per_job)
         if self.max_running < 1:
             raise ValueError(f"max_running={self.max_running} must be >= 1")
         self.timeout_s, self.poll_s, self.state_poll_s, self.job_name = timeout_s, poll_s, state_poll_s, job_name
@@ -658,6 +643,10 @@ class _Watch:
             for key, state in self.states.items():
                 if state.upper() not in _ALIVE:
                     self.ended_at.setdefault(key, now)
+                else:
+                    # alive again (requeued after preemption or a node failure): restart the grace
+                    # period when it next ends, instead of timing out on the first ending
+                    self.ended_at.pop(key, None)
         for key, since in list(self.ended_at.items()):
             if key in self.jobs and now - since > self.result_grace_s:
                 out.append((key, None, _no_result(self.jobs[key], self.states.get(key, "?"))))
@@ -723,7 +712,10 @@ def launcher_from_args(args: argparse.Namespace, workers: int = 2) -> Launcher:
         'InlineLauncher'
     """
     kind = args.launcher or ("pool" if workers > 1 else "inline")
-    overrides = parse_overrides(args.cluster)
+    try:
+        overrides = parse_overrides(args.cluster)
+    except ValueError as error:
+        raise ValueError(f"--cluster: {error}; keys: {', '.join(ClusterProfile.keys())}") from None
     if kind in ("inline", "pool") and (args.profile is not None or overrides or args.job_dir is not None):
         raise ValueError(f"--profile/--job-dir/--cluster apply to --launcher local or slurm, not {kind}")
     if kind in ("inline", "pool"):

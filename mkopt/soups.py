@@ -31,6 +31,12 @@ def stack_ingredients(state_dicts: Sequence[StateDict]) -> TensorDict:
         if list(sd) != keys:
             diff = sorted(set(keys).symmetric_difference(sd))
             raise ValueError(f"ingredient {index} has different keys from ingredient 0 (differing: {diff[:5]}); soups need one architecture")
+        for k in keys:  # torch.stack would fail with a message naming neither the key nor the ingredient
+            if sd[k].shape != state_dicts[0][k].shape:
+                raise ValueError(
+                    f"ingredient {index}: {k!r} has shape {tuple(sd[k].shape)} but ingredient 0 has "
+                    f"{tuple(state_dicts[0][k].shape)}; soups need one architecture"
+                )
     floating = [k for k in keys if state_dicts[0][k].is_floating_point()]
     stacked = {k.replace(".", "/"): torch.stack([sd[k].detach() for sd in state_dicts]) for k in floating}
     return TensorDict(stacked, batch_size=[len(state_dicts)])

@@ -46,6 +46,7 @@ from mkopt.distributed import (
     DistributedContext, average_probability_grads, cleanup, setup_distributed, unwrap, wrap_model,
 )  # fmt: skip
 from mkopt.experiments.methods import distillation_loss
+from mkopt.experiments.recipe_config import parse_overrides
 from mkopt.job import PreemptionGuard, RecipeJob, preemption_signal
 from mkopt.resumable import EpochBatches, SeededSamples, shard
 
@@ -61,10 +62,11 @@ RUNTIME_KEYS = ("out", "data.root", "data.workers", "data.eval_batch", "device",
 def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> dict[str, Any]:
     """The YAML config with dotted ``key=value`` overrides applied; paths made absolute; validated."""
     config = yaml.safe_load(Path(path).read_text())
-    for item in overrides:
-        if "=" not in item:
-            raise SystemExit(f"override {item!r} must look like key=value (e.g. optim.batch_size=512)")
-        key, value = item.split("=", 1)
+    try:
+        parsed = parse_overrides(overrides)  # mkopt's one override parser: YAML values, 1e-1 is a float
+    except ValueError as error:
+        raise SystemExit(f"{error}; overrides are dotted keys, e.g. optim.batch_size=512") from None
+    for key, value in parsed.items():
         parts = key.split(".")
         target = config
         for part in parts[:-1]:
@@ -73,7 +75,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> dict[str,
             target = target[part]
         if parts[-1] not in target:
             raise SystemExit(f"unknown key {key!r}; keys here: {sorted(target)}")
-        target[parts[-1]] = yaml.safe_load(value)
+        target[parts[-1]] = value
     if config.get("out"):
         config["out"] = str(Path(config["out"]).expanduser().resolve())
     if config["data"].get("root"):
@@ -101,10 +103,19 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
     need(bool(cfg.get("out")) and Path(cfg["out"]).is_absolute(), f"out={cfg.get('out')!r} must be an absolute path (the run's folder)")
     need(cfg["amp"] in AMP_MODES, f"amp={cfg['amp']!r}: choose one of {AMP_MODES}")
     need(cfg["model"]["arch"] == "resnet50", f"model.arch={cfg['model']['arch']!r}: this recipe trains torchvision's resnet50")
-    batch = cfg["optim"]["batch_size"]
-    need(isinstance(batch, int) and batch > 0, f"optim.batch_size={batch!r} must be a positive int (the global batch)")
-    schedule = cfg["schedule"]
-    need(all(0 < m < schedule["epochs"] for m in schedule["milestones"]), f"schedule.milestones={schedule['milestones']} must lie inside (0, {schedule['epochs']})")
+    # Numeric keys are type-checked here, naming the key: a value that is not a number (a typo, a
+    # string from a config file) would otherwise fail deep inside torch with no hint which key it was.
+    optim, schedule = cfg["optim"], cfg["schedule"]
+    batch = optim["batch_size"]
+    need(_is_int(batch) and batch > 0, f"optim.batch_size={batch!r} must be a positive int (the global batch)")
+    need(_is_number(optim["lr_per_256"]) and optim["lr_per_256"] > 0, f"optim.lr_per_256={optim['lr_per_256']!r} must be a positive number")
+    for key in ("momentum", "weight_decay"):
+        need(_is_number(optim[key]) and optim[key] >= 0, f"optim.{key}={optim[key]!r} must be a number >= 0")
+    need(_is_int(schedule["epochs"]) and schedule["epochs"] > 0, f"schedule.epochs={schedule['epochs']!r} must be a positive int")
+    need(_is_number(schedule["gamma"]) and schedule["gamma"] > 0, f"schedule.gamma={schedule['gamma']!r} must be a positive number (the LR factor at each milestone)")
+    milestones = schedule["milestones"]
+    need(isinstance(milestones, list) and all(_is_int(m) for m in milestones), f"schedule.milestones={milestones!r} must be a list of ints (epochs)")
+    need(all(0 < m < schedule["epochs"] for m in milestones), f"schedule.milestones={milestones} must lie inside (0, {schedule['epochs']})")
     need(cfg["mk"]["probabilities"] in mkopt.PROBABILITY_MODES, f"mk.probabilities={cfg['mk']['probabilities']!r}: choose one of {mkopt.PROBABILITY_MODES}")
     if cfg["method"] == "ensemble":
         need(len(cfg["ensemble"]["members"]) >= 2, "method=ensemble needs ensemble.members: two or more model_deployed.pt files (or run folders)")
@@ -112,6 +123,14 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         need(len(cfg["distill"]["teachers"]) >= 1, "method=distilled needs distill.teachers: the ensemble members' model_deployed.pt files")
     need(bool(cfg["data"]["root"]), "data.root is not set: pass data.root=/path/to/imagenet (with train/ and val/)")
     return cfg
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def trajectory_keys(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -295,7 +314,7 @@ class Training:
         """Rank 0 writes the full training state (other ranks hold the same state)."""
         if not self.ctx.is_main:
             return
-        progress = {**self.progress, "loss_sum": float(self.progress["loss_sum"])}  # the running sum is a tensor
+        progress = {**self.progress, "loss_sum": float(self.progress["loss_sum"])}  # the running sum (over all ranks) is a tensor
         state = capture_training_state(
             unwrap(self.net), self.opt, scheduler=self.sched, scaler=self.scaler, progress=progress,
             config=self.cfg, history=self.history,
@@ -354,11 +373,18 @@ class Training:
             y = y.to(ctx.device, non_blocking=True)
             self.consistent = False
             loss = self.train_step(x, y)
-            loss_sum += loss.double()
+            step_loss = loss.double()
+            if ctx.distributed:
+                # Sum the step's loss over ranks now (8 bytes, no host sync on NCCL), so loss_sum is the
+                # global running sum, the same on every rank: a checkpoint from rank 0 alone (a
+                # preemption save runs on rank 0 only, where a collective would hang) then carries the
+                # whole epoch's sum, and every rank resumes with it.
+                dist.all_reduce(step_loss)
+            loss_sum += step_loss
             self.progress["batch"] += 1
             self.progress["step"] += 1
             self.progress["loss_count"] += 1
-            self.progress["loss_sum"] = loss_sum  # a tensor until saved: no device sync per step
+            self.progress["loss_sum"] = loss_sum  # summed over ranks; a tensor until saved: no device sync per step
             self.consistent = True
             self.epoch_images += len(y) * ctx.world_size
             bar.update(1)
@@ -405,11 +431,10 @@ class Training:
         cfg, ctx = self.cfg, self.ctx
         epoch = self.progress["epoch"] + 1
         lr = self.opt.param_groups[0]["lr"]
-        totals = torch.tensor([float(self.progress["loss_sum"]), self.progress["loss_count"]], dtype=torch.float64, device=ctx.device)
-        if ctx.distributed:
-            dist.all_reduce(totals)
+        # loss_sum is already summed over ranks (every step, see train_epoch); loss_count counts one rank's steps
+        train_loss = float(self.progress["loss_sum"]) / max(self.progress["loss_count"] * ctx.world_size, 1)
         self.sched.step()
-        row: dict[str, Any] = {"epoch": epoch, "step": self.progress["step"], "lr": lr, "train_loss": float(totals[0] / totals[1].clamp_min(1))}
+        row: dict[str, Any] = {"epoch": epoch, "step": self.progress["step"], "lr": lr, "train_loss": train_loss}
         if epoch % cfg["eval_every"] == 0 or epoch == cfg["schedule"]["epochs"]:
             row.update(evaluate([unwrap(self.net)], self.val, ctx, self.amp, self.channels_last))
         seconds = time.monotonic() - self.epoch_start

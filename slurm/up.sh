@@ -81,8 +81,11 @@ fi
 node=$(hostname -s)
 # SLURM itself needs no DNS here (NodeAddr=127.0.0.1), but DDP jobs use the node name as master address.
 getent hosts "$node" >/dev/null || say "warning: hostname '$node' does not resolve: multi-task (DDP) jobs cannot reach their master; add '127.0.0.1 $node' to /etc/hosts"
-read -r cpus mem < <(slurmd -C | awk '/^NodeName/ {for (i = 1; i <= NF; i++) {split($i, kv, "="); v[kv[1]] = kv[2]} print v["CPUs"], v["RealMemory"]}')
-[ -n "$cpus" ] && [ -n "$mem" ] || die "could not read CPUs/RealMemory from 'slurmd -C'"
+# `|| fail`: under `set -e` a bare `read` at end of input (slurmd -C printed no NodeName line) would end
+# the script silently; fail (not die) also stops a munged this script started.
+read -r cpus mem < <(slurmd -C | awk '/^NodeName/ {for (i = 1; i <= NF; i++) {split($i, kv, "="); v[kv[1]] = kv[2]} print v["CPUs"], v["RealMemory"]}') \
+  || fail "'slurmd -C' printed no NodeName line (its output: $(slurmd -C 2>&1 | head -3 | tr '\n' ' '))"
+[ -n "$cpus" ] && [ -n "$mem" ] || fail "could not read CPUs/RealMemory from 'slurmd -C'"
 mem=$((mem * 9 / 10))  # below what slurmd -C reports, or the node is drained for "low RealMemory"
 cat >"$state/slurm.conf" <<EOF
 $marker; a single-node cluster for tests (see the header of slurm/up.sh)

@@ -80,3 +80,25 @@ def test_single_process_and_bad_environments(monkeypatch):
     monkeypatch.setenv("MASTER_PORT", "1")
     with pytest.raises(ValueError, match="backend='nccl' needs CUDA"):
         setup_distributed(backend="nccl", device="cpu")
+
+
+def test_plain_multitask_srun_without_torchrun_or_submitit_is_refused(monkeypatch):
+    """srun -n2 python recipe.py: each task would silently be rank 0 of its own run."""
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SUBMITIT_EXECUTOR", "LOCAL_RANK",
+                 "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    with pytest.raises(RuntimeError, match=r"2-task SLURM step.*torchrun.*mkopt\.job\.RecipeJob"):
+        setup_distributed(device="cpu")
+    monkeypatch.delenv("SLURM_STEP_NUM_TASKS")
+    monkeypatch.setenv("SLURM_PROCID", "1")  # any task but the first is certainly one of several
+    with pytest.raises(RuntimeError, match="task 1 of"):
+        setup_distributed(device="cpu")
+    # the batch script of an `sbatch -n 2` allocation (no srun step) and a one-task step are single processes
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert setup_distributed(device="cpu") == DistributedContext()
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert setup_distributed(device="cpu") == DistributedContext()

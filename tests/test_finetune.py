@@ -90,3 +90,12 @@ def test_finetune_trains_evaluates_and_deploys_a_plain_model(method):
     assert type(plain) is type(make_model()) and set(plain.state_dict()) == set(initial)
     assert result.test_accuracy == accuracy_and_loss(plain, test, 32)[0]
     assert result.curve[-1]["val_loss"] < result.curve[0]["val_loss"]  # it learns the give-away token
+
+
+def test_soup_ingredients_with_different_shapes_name_the_key_and_both_shapes():
+    a = {"w": torch.zeros(2, 3), "b": torch.zeros(3)}
+    b = {"w": torch.zeros(2, 4), "b": torch.zeros(3)}
+    with pytest.raises(ValueError, match=r"ingredient 1: 'w' has shape \(2, 4\) but ingredient 0 has \(2, 3\)"):
+        stack_ingredients([a, b])
+    with pytest.raises(ValueError, match="'w' has shape"):
+        uniform_soup([a, b])

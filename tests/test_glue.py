@@ -66,10 +66,25 @@ def test_accuracy_f1_matthews_by_hand():
     tp, fp, fn, tn = 3, 2, 2, 3
     assert glue.accuracy(targets, preds) == 100 * 6 / 10
     assert glue.binary_f1(targets, preds) == pytest.approx(100 * 2 * tp / (2 * tp + fp + fn))
+    # MCC: the binary formula on the same counts with the invalid predictions replaced by the wrong class
+    wrong = [p if p != -1 else 1 - t for t, p in zip(targets, preds)]
     mcc = (tp * tn - fp * fn) / math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-    assert glue.matthews_corrcoef(targets, preds) == pytest.approx(100 * mcc)
+    assert glue.matthews_corrcoef(targets, wrong) == pytest.approx(100 * mcc)
     assert glue.matthews_corrcoef([1, 1, 0], [1, 1, 1]) == 0.0  # undefined -> 0 (as sklearn)
     assert glue.binary_f1([0, 0], [0, 0]) == 0.0
+
+
+def test_matthews_with_invalid_predictions_is_multiclass_like_t5():
+    """T5 scores CoLA with sklearn's multiclass MCC over {-1, 0, 1}: an invalid output is its own class."""
+    # s=4, correct c=3; targets t: {0: 2, 1: 2}; predictions p: {-1: 1, 0: 2, 1: 1}
+    # (c*s - sum p_k t_k) / sqrt((s^2 - sum p_k^2) (s^2 - sum t_k^2)) = (12 - 6) / sqrt(10 * 8)
+    assert glue.matthews_corrcoef([1, 1, 0, 0], [1, -1, 0, 0]) == pytest.approx(100 * 6 / math.sqrt(80))  # 67.08
+    assert round(glue.matthews_corrcoef([1, 1, 0, 0], [1, -1, 0, 0]), 1) == 67.1  # the binary formula gave 57.7
+    # binary case: tp=2, fp=1, fn=1, tn=1 -> (2*1 - 1*1) / sqrt(3*3*2*2)
+    assert glue.matthews_corrcoef([1, 1, 1, 0, 0], [1, 1, 0, 0, 1]) == pytest.approx(100 / 6)
+    assert glue.matthews_corrcoef([1, 0, 1, 0], [1, 0, 1, 0]) == 100.0
+    assert glue.matthews_corrcoef([1, 0, 1, 0], [0, 1, 0, 1]) == -100.0
+    assert glue.matthews_corrcoef([1, 1, 0, 0], [-1, -1, -1, -1]) == 0.0  # constant predictions: undefined -> 0
 
 
 def test_correlations_by_hand():
@@ -205,8 +220,11 @@ def test_recipe_mk_saves_a_plain_deployed_t5_and_skips_finished_tasks(tmp_path):
     assert model.lm_head.weight is model.shared.weight
     assert run(config) == first  # finished: read back, not retrained
     changed = load_config(GlueRunConfig, CONFIGS[1], [*TINY, "tasks=[rte]", "lr=1e-2", f"out_dir={tmp_path}"])
+    recorded = (tmp_path / "mk_e3" / "seed0" / "config.yaml").read_text()
     with pytest.raises(ValueError, match="different config"):
         run(changed)
+    # the refused run must not overwrite the config of the results on disk
+    assert (tmp_path / "mk_e3" / "seed0" / "config.yaml").read_text() == recorded
 
 
 def test_recipe_bad_inputs_fail_clearly(tmp_path):

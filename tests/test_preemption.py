@@ -138,6 +138,34 @@ def test_store_keeps_the_newest_and_the_previous_and_starts_empty(tmp_path):
         CheckpointStore(tmp_path, keep=0)
 
 
+def test_a_save_after_a_fallback_drops_the_corrupt_newer_checkpoint_and_keeps_the_good_one(tmp_path):
+    """Resumed from 900 because 1200 is corrupt: saving 1000 must keep 900 (the fallback), not 1200."""
+    store = CheckpointStore(tmp_path, keep=2)
+    for step in (900, 1200):
+        store.save({"step": step, "w": torch.full((256,), float(step))}, step)
+    data = store.path(1200).read_bytes()
+    store.path(1200).write_bytes(data[: len(data) // 2])
+    with pytest.warns(CheckpointCorruptWarning):
+        assert store.load_latest()[0]["step"] == 900
+    store.save({"step": 1000}, 1000)
+    assert [p.name for p in store.checkpoints()] == ["ckpt-0000001000.pt", "ckpt-0000000900.pt"]
+    assert not store.path(1200).exists()
+    manifest = json.loads((tmp_path / "latest.json").read_text())
+    assert [e["step"] for e in manifest["checkpoints"]] == [1000, 900]
+
+
+def test_atomic_write_gives_the_umask_mode_not_mkstemps_0600(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "a.bin", lambda f: f.write(b"x"))
+        os.umask(0o027)
+        atomic_write(tmp_path / "b.bin", lambda f: f.write(b"x"))
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "a.bin").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.bin").stat().st_mode & 0o777 == 0o640
+
+
 def build():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))

@@ -77,6 +77,23 @@ def test_every_config_loads_and_validates(config, tmp_path):
         recipe.load_config(config, ["optim.lr=0.1"])
 
 
+def test_overrides_parse_exponent_floats_and_numeric_keys_are_type_checked(tmp_path):
+    mk = ROOT / "recipes" / "configs" / "resnet50_imagenet" / "mk.yaml"
+    cfg = recipe.load_config(mk, [f"data.root={tmp_path}", "schedule.gamma=1e-1", "optim.weight_decay=5e-5"])
+    assert cfg["schedule"]["gamma"] == 0.1 and isinstance(cfg["schedule"]["gamma"], float)  # YAML 1.1 alone: '1e-1'
+    assert cfg["optim"]["weight_decay"] == 5e-5
+    for override, key in [
+        ("optim.weight_decay=abc", "optim.weight_decay"), ("optim.lr_per_256=fast", "optim.lr_per_256"),
+        ("schedule.gamma=[0.1]", "schedule.gamma"), ("schedule.epochs=2.5", "schedule.epochs"),
+        ("schedule.milestones=[a, b]", "schedule.milestones"), ("optim.batch_size=1e2", "optim.batch_size"),
+        ("optim.momentum=true", "optim.momentum"),
+    ]:  # fmt: skip
+        with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+            recipe.load_config(mk, [f"data.root={tmp_path}", override])
+    with pytest.raises(SystemExit, match="key=value"):
+        recipe.load_config(mk, ["optim.batch_size"])
+
+
 @pytest.mark.parametrize("method", ["baseline", "mk"])
 def test_runs_end_to_end_and_deploys_a_plain_torchvision_resnet50(runs, method):
     out = runs[method]
@@ -136,3 +153,43 @@ def test_adv_mk_ensemble_and_distilled_variants_run(runs, imagenet):
     assert 0 <= ensemble["final"]["top1"] <= 1 and (runs["base"] / "ens" / "result.json").exists()
     distilled = RecipeJob(RECIPE, tiny("distilled", imagenet, runs["base"] / "kd", *one_epoch, f"distill.teachers={members}"))()
     assert distilled["steps"] == 3 and distilled["mk"] is None
+
+
+def _exit_now(signum, frame):
+    raise SystemExit(0)
+
+
+def _ddp_rank(rank: int, port: int, config: dict, stop_on_signal: bool) -> None:
+    """One of 2 gloo ranks running the recipe (torchrun's variables); the preemption signal exits every rank."""
+    import os
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if stop_on_signal:
+        signal.signal(signal.SIGUSR2, _exit_now)  # every rank stops at the same step boundary (PreemptionGuard)
+    try:
+        load_recipe(RECIPE).run(config)
+    except SystemExit:
+        pass
+
+
+@pytest.mark.slow
+def test_ddp_resume_mid_epoch_logs_the_same_train_loss(imagenet, tmp_path):
+    """2 ranks, stopped after step 4 (mid-epoch 2, rank 0's checkpoint) and resumed: the epoch's train_loss
+    equals the uninterrupted run's (each rank used to restore rank 0's partial loss sum)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    def launch(out: Path, *extra: str, stop: bool = False) -> list[str]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        config = tiny("mk", imagenet, out, "checkpoint.every_minutes=0", *extra)  # rank 0 checkpoints every step
+        mp.start_processes(_ddp_rank, args=(port, config, stop), nprocs=2, start_method="spawn")
+        return [r["train_loss"] for r in csv.DictReader((out / "log.csv").open())]
+
+    reference = launch(tmp_path / "a")
+    launch(tmp_path / "b", "debug.signal_at_step=4", stop=True)
+    assert torch.load(tmp_path / "b" / "checkpoints" / "ckpt-0000000004.pt", weights_only=True)["progress"]["batch"] == 1
+    assert launch(tmp_path / "b") == reference

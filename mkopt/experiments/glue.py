@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,15 +223,34 @@ def binary_f1(targets: Sequence[int], predictions: Sequence[int]) -> float:
 
 
 def matthews_corrcoef(targets: Sequence[int], predictions: Sequence[int]) -> float:
-    """Matthews correlation in percent (CoLA); 0 when undefined; invalid predictions count as wrong.
+    """Matthews correlation in percent (CoLA), multiclass over the labels seen, 0 when undefined.
+
+    As T5 (``sklearn.metrics.matthews_corrcoef``): an invalid prediction (-1) is a class of its own,
+    not "the wrong class", so with invalid outputs the binary formula gives a different number.
+    Gorodkin's R_K statistic from the confusion matrix C (``s`` examples, ``c`` correct, ``t_k`` /
+    ``p_k`` the number of examples whose target / prediction is ``k``)::
+
+        (c*s - sum_k p_k*t_k) / sqrt((s^2 - sum_k p_k^2) * (s^2 - sum_k t_k^2))
+
+    For two classes this is the usual (tp*tn - fp*fn) / sqrt(...).
 
     Example:
         >>> round(matthews_corrcoef([1, 1, 1, 0, 0], [1, 1, 0, 0, 1]), 4)   # (2*1 - 1*1) / sqrt(3*3*2*2)
         16.6667
+        >>> round(matthews_corrcoef([1, 1, 0, 0], [1, -1, 0, 0]), 2)   # T5 / sklearn: 6 / sqrt(10*8)
+        67.08
     """
-    tp, fp, fn, tn = _binary_counts(targets, predictions)
-    denominator = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-    return 0.0 if denominator == 0 else 100.0 * (tp * tn - fp * fn) / denominator
+    _pairs(targets, predictions)
+    s = len(targets)
+    c = sum(t == p for t, p in zip(targets, predictions))
+    t_counts = Counter(targets)
+    p_counts = Counter(predictions)
+    covariance = c * s - sum(p_counts[k] * t_counts[k] for k in p_counts.keys() | t_counts.keys())
+    variance_p = s * s - sum(n * n for n in p_counts.values())
+    variance_t = s * s - sum(n * n for n in t_counts.values())
+    if variance_p == 0 or variance_t == 0:
+        return 0.0
+    return 100.0 * covariance / math.sqrt(variance_p * variance_t)
 
 
 def _correlation(kind: str, targets: Sequence[float], predictions: Sequence[float]) -> float:

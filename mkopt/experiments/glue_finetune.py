@@ -31,7 +31,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..checkpoint import atomic_write
 from .glue import TASKS, GlueTask, get_task, load_split, task_metrics, to_text
+from .runs import write_json_atomic
 
 __all__ = ["GlueRunConfig", "run", "run_task", "evaluate", "tiny_t5_and_tokenizer", "OPTIMIZERS"]
 
@@ -270,7 +272,9 @@ def run_task(config: GlueRunConfig, task_name: str, out: Path) -> dict[str, Any]
         plain = mkopt.deploy(model.eval()) if mkopt.is_expanded(model) else model
         plain.save_pretrained(out / "model")
         tokenizer.save_pretrained(out / "model")
-    (out / "result.json").write_text(json.dumps(result, indent=1))
+    # Atomic (temp file + fsync + rename): run() skips a task whose result.json exists, so a
+    # half-written one from a killed run must never appear.
+    write_json_atomic(out / "result.json", result)
     return result
 
 
@@ -290,18 +294,21 @@ def run(config: GlueRunConfig) -> dict[str, dict[str, Any]]:
 
     root = Path(config.out_dir) / config.label / f"seed{config.seed}"
     root.mkdir(parents=True, exist_ok=True)
-    (root / "config.yaml").write_text(dump_config(config))
-    results: dict[str, dict[str, Any]] = {}
+    # Check every finished task against this config BEFORE recording it: a refused run must leave
+    # the config.yaml of the run whose results are on disk, not its own.
+    finished: dict[str, dict[str, Any]] = {}
     for name in config.tasks:
-        out = root / name
-        done = out / "result.json"
+        done = root / name / "result.json"
         if done.exists():
             previous = json.loads(done.read_text())
             if _comparable(previous["config"]) != _comparable(dataclasses.asdict(config)):
-                raise ValueError(f"{done} was written by a different config: delete {out} or choose another out_dir")
-            results[name] = previous
-            continue
-        results[name] = run_task(config, name, out)
+                raise ValueError(f"{done} was written by a different config: delete {root / name} or choose another out_dir")
+            finished[name] = previous
+    text = dump_config(config)
+    atomic_write(root / "config.yaml", lambda handle: handle.write(text.encode("utf-8")))
+    results: dict[str, dict[str, Any]] = {}
+    for name in config.tasks:
+        results[name] = finished[name] if name in finished else run_task(config, name, root / name)
     return results
 
 

@@ -17,6 +17,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -31,9 +33,19 @@ __all__ = ["load_config", "parse_overrides", "dump_config"]
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     """``["a=1", "b=[x, y]"]`` -> ``{"a": 1, "b": ["x", "y"]}`` (values parsed as YAML).
 
+    The one override parser of mkopt (recipe configs, ``mkopt.launch``'s ``--cluster``, the
+    ResNet-50 recipe). Keys are returned as given, so dotted keys (``schedule.gamma``) are left for
+    the caller to walk. Unquoted numbers in exponent notation are floats (``1e-1`` -> ``0.1``;
+    YAML 1.1 alone reads them as the string ``'1e-1'``), also inside lists; a quoted ``'1e-1'``
+    stays a string. An empty value is ``None``.
+
     Example:
         >>> parse_overrides(["e=3", "method=mk", "eval_max_examples=null"])
         {'e': 3, 'method': 'mk', 'eval_max_examples': None}
+        >>> parse_overrides(["schedule.gamma=1e-1", "lrs=[2e-5, 1E+2]", "name='1e-1'"])
+        {'schedule.gamma': 0.1, 'lrs': [2e-05, 100.0], 'name': '1e-1'}
+        >>> parse_overrides(["partition=gpu", "account=null", 'setup=["module load cuda"]'])
+        {'partition': 'gpu', 'account': None, 'setup': ['module load cuda']}
     """
     import yaml
 
@@ -42,8 +54,26 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"override {item!r} is not key=value (e.g. max_steps=100)")
-        parsed[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        parsed[key.strip()] = yaml.load(value, Loader=_loader()) if value.strip() else None  # a SafeLoader subclass
     return parsed
+
+
+@functools.lru_cache(maxsize=1)
+def _loader() -> type:
+    """``yaml.SafeLoader`` that also resolves YAML 1.2 floats such as ``1e-1`` / ``2E+5`` (no dot, no
+    exponent sign needed), which YAML 1.1 leaves as strings."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    # add_implicit_resolver copies the parent's resolver table first: SafeLoader is not changed.
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+        list("-+.0123456789"),
+    )
+    return Loader
 
 
 def load_config(cls: type[T], path: str | Path | None, overrides: Sequence[str] = ()) -> T:

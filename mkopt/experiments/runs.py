@@ -4,35 +4,30 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..checkpoint import atomic_write
 
 
 def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
     """Write ``payload`` as JSON to ``path`` so that readers see the old file or the whole new one.
 
-    A temp file in the same folder is fsynced and then ``os.replace``d: a killed writer leaves a
-    ``.tmp-*`` file, never a half-written result.
+    A thin wrapper over :func:`mkopt.checkpoint.atomic_write` (the one atomic writer): a temp file
+    in the same folder is fsynced and then ``os.replace``d, so a killed writer leaves a ``.tmp-*``
+    file, never a half-written result. Missing parent folders are created.
 
     Example:
+        >>> import tempfile
         >>> path = Path(tempfile.mkdtemp()) / "r.json"
         >>> write_json_atomic(path, {"accuracy": 0.5}); json.loads(path.read_text())
         {'accuracy': 0.5}
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(handle, "w") as out:
-            out.write(json.dumps(payload, indent=1))
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    text = json.dumps(payload, indent=1)  # serialize first: an unserializable payload leaves no temp file
+    atomic_write(path, lambda out: out.write(text.encode("utf-8")))
 
 
 @dataclass(frozen=True)
@@ -63,6 +58,7 @@ class ResultStore:
     """``root/<run_id>.json`` per finished run; writes are atomic (temp file + ``os.replace``).
 
     Example:
+        >>> import tempfile
         >>> store = ResultStore(tempfile.mkdtemp())
         >>> spec = RunSpec("baseline", "A1", "adam", 0.001, 0, 1)
         >>> store.done(spec), store.write(spec, {"test_accuracy": 0.5}), store.done(spec)

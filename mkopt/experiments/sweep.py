@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..checkpoint import atomic_write
 from ..data import Split, load_cifar10, load_fashion_mnist, load_npz, validation_split
 from . import methods
 from .launcher import InlineLauncher, Launcher
@@ -105,10 +105,8 @@ def trained_teacher(spec: RunSpec, root: str) -> methods.Ensemble:
         return ensemble
     methods.train(ensemble, spec, fit, val, test)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(handle)
-    torch.save({k: v.detach() for k, v in ensemble.params.items()}, temporary)
-    os.replace(temporary, path)
+    state = {k: v.detach() for k, v in ensemble.params.items()}
+    atomic_write(path, lambda out: torch.save(state, out))  # the one atomic writer (temp + fsync + rename)
     return ensemble
 
 

