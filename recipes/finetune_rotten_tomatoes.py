@@ -17,8 +17,7 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -28,6 +27,8 @@ from tqdm import tqdm
 from mkopt.experiments.finetune import (
     METHODS, FinetuneConfig, accuracy_and_loss, encode, finetune, result_dict, result_path,
 )
+from mkopt.checkpoint import atomic_write
+from mkopt.experiments.recipe_config import parse_overrides
 from mkopt.experiments.runs import write_json_atomic
 from mkopt.experiments.text import group_split, load_rotten_tomatoes
 from mkopt.soups import greedy_soup, uniform_soup
@@ -35,13 +36,14 @@ from mkopt.soups import greedy_soup, uniform_soup
 
 def load_config(path: str, overrides: list[str]) -> dict:
     config = yaml.safe_load(Path(path).read_text())
-    for item in overrides:
-        if "=" not in item:
-            raise SystemExit(f"override {item!r} must look like key=value (e.g. steps=40)")
-        key, value = item.split("=", 1)
-        if key not in config:
-            raise SystemExit(f"unknown key {key!r}; the config has {sorted(config)}")
-        config[key] = yaml.safe_load(value)
+    try:
+        parsed = parse_overrides(overrides)
+    except ValueError as error:
+        raise SystemExit(str(error)) from error
+    unknown_keys = set(parsed) - set(config)
+    if unknown_keys:
+        raise SystemExit(f"unknown keys {sorted(unknown_keys)}; the config has {sorted(config)}")
+    config.update(parsed)
     unknown = set(config.get("methods", ())) - set(METHODS)
     if unknown:
         raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
@@ -58,19 +60,15 @@ def default_model_path() -> str:
 
 def save_atomic(state: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
-    with os.fdopen(handle, "wb") as file:
-        torch.save(state, file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
+    atomic_write(path, lambda file: torch.save(state, file))
 
 
 def commit_of_tree() -> str:
     """HEAD, with "-dirty" when tracked files differ from it (then HEAD alone did not produce the result)."""
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True).stdout.strip()
+        repo = Path(__file__).resolve().parent
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=repo).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True, cwd=repo).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("-dirty" if dirty else "")
@@ -107,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     for method, seed in plan:
         path = result_path(out, method, seed)
         if path.is_file():
+            check_same_settings(path, result_dict_config(ft))
             continue
         bar = tqdm(total=ft.steps, desc=f"{method} seed {seed}", file=sys.stderr, mininterval=30)
 
@@ -124,11 +123,25 @@ def main(argv: list[str] | None = None) -> None:
         write_report(out, config, provenance)
 
 
+def result_dict_config(ft: FinetuneConfig) -> dict:
+    return {k: v for k, v in asdict(ft).items() if k != "model_path"}  # the path may differ between machines
+
+
+def check_same_settings(path: Path, settings: dict) -> None:
+    """A finished run is reused only if it was trained with the same settings; otherwise say which differ."""
+    recorded = {k: v for k, v in json.loads(path.read_text())["config"].items() if k != "model_path"}
+    differing = {k: (recorded.get(k), v) for k, v in settings.items() if recorded.get(k) != v}
+    if differing:
+        raise SystemExit(f"{path} was trained with other settings {differing} (recorded, now): choose another out= or restore them")
+
+
 def make_soups(config: dict, out: Path, make_model, val, test, ft: FinetuneConfig, provenance: dict) -> None:
     """Uniform and greedy soups of the fine-tuned baselines (greedy order and choices by validation accuracy)."""
     soup_path = out / "runs" / "soups.json"
     cached = [Path(config["weights_cache"]) / f"baseline-s{s}.pt" for s in config["seeds"]]
-    if soup_path.is_file() or "baseline" not in config["methods"] or not all(p.is_file() for p in cached) or len(cached) < 2:
+    if soup_path.is_file() and json.loads(soup_path.read_text()).get("seeds") == list(config["seeds"]):
+        return
+    if "baseline" not in config["methods"] or not all(p.is_file() for p in cached) or len(cached) < 2:
         return
     ingredients = [torch.load(p, map_location="cpu") for p in cached]
     model = make_model()
@@ -140,6 +153,7 @@ def make_soups(config: dict, out: Path, make_model, val, test, ft: FinetuneConfi
     uniform = uniform_soup(ingredients)
     greedy, kept = greedy_soup(ingredients, score)
     record = {
+        "seeds": list(config["seeds"]),
         "ingredients": [f"baseline seed {s}" for s in config["seeds"]],
         "uniform": {"val_accuracy": score(uniform), "test_accuracy": score(uniform, test)},
         "greedy": {"val_accuracy": score(greedy), "test_accuracy": score(greedy, test), "kept_seeds": [config["seeds"][i] for i in kept]},

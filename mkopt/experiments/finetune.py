@@ -95,9 +95,11 @@ def linear_warmup_decay(steps: int, warmup: float) -> Callable[[int], float]:
     Example:
         >>> f = linear_warmup_decay(10, 0.2); [round(f(s), 2) for s in (0, 1, 2, 6, 10)]
         [0.0, 0.5, 1.0, 0.5, 0.0]
+        >>> linear_warmup_decay(10, 0.0)(0)
+        1.0
     """
-    ramp = max(1, math.ceil(warmup * steps))
-    return lambda s: s / ramp if s < ramp else max(0.0, (steps - s) / max(1, steps - ramp))
+    ramp = math.ceil(warmup * steps)
+    return lambda s: s / ramp if s < ramp else max(0.0, (steps - s) / max(1, steps - ramp))  # ramp 0: no warmup
 
 
 def build_optimizer(method: str, model: torch.nn.Module, config: FinetuneConfig, seed: int) -> torch.optim.Optimizer:
