@@ -229,7 +229,7 @@ def plot_curves(runs: list[dict], config: dict, out: Path) -> Path | None:
         ax.plot(steps, mean, label=f"{method} ({len(rs)} seeds)")
         if len(rs) > 1:
             ax.fill_between(steps, acc.min(0).values, acc.max(0).values, alpha=0.2)
-    ax.set(xlabel="step", ylabel="validation accuracy (%) (eval mode = deployed model)", title="MiniLM-L6 on Rotten-Tomatoes")
+    ax.set(xlabel="step", ylabel="validation accuracy (%)", title="MiniLM-L6 on Rotten-Tomatoes (eval mode = deployed model)")
     ax.set_ylim(bottom=max(50, ax.get_ylim()[0]))
     ax.grid(alpha=0.3)
     ax.legend()
