@@ -12,7 +12,6 @@ Copies start independent (init='independent'): with replicated copies B.1 never 
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mkopt  # noqa: E402
+from mkopt.experiments.runs import commit_of_tree  # noqa: E402
 from mkopt.data import Split, load_fashion_mnist  # noqa: E402
 
 
@@ -73,7 +73,7 @@ def main() -> None:
     train, test = load_fashion_mnist()
     mean, std = train.x.mean(), train.x.std()
     train, test = Split((train.x - mean) / std, train.y), Split((test.x - mean) / std, test.y)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = commit_of_tree()
     lines = [
         "# Ascent step eps for adversarial probabilities (B.1 / B.2), Fashion-MNIST",
         "",

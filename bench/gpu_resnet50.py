@@ -23,7 +23,6 @@ import contextlib
 import gc
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mkopt  # noqa: E402
+from mkopt.experiments.runs import commit_of_tree  # noqa: E402
 
 VARIANTS = {"baseline": None, "MK": "dirichlet", "Adv-MK": "adv-mk"}
 TIME_TARGET = 1.03
@@ -152,7 +152,7 @@ def main() -> None:
             run.times.append((time.perf_counter() - start) / args.steps)
 
     base = runs[0]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+    commit = commit_of_tree()
     cuda = f", CUDA {torch.version.cuda}" if device.type == "cuda" else ""
     lines = [
         "# ResNet-50 training step: baseline vs MK vs Adv-MK",

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mkopt  # noqa: E402
+from mkopt.experiments.runs import commit_of_tree  # noqa: E402
 
 OPTIMIZERS = {
     "SGD": (torch.optim.SGD, {"lr": 0.05}),
@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = commit_of_tree()
     lines = [
         "# Effective step of the deployed mean kernel under MK, relative to the baseline (Lemma 4.3)",
         "",

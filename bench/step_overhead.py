@@ -4,7 +4,10 @@ Run:  python bench/step_overhead.py [--device cuda] [--quick] [--out results/ben
 
 For each configuration the baseline and the MK model (same architecture, same data) are timed in
 interleaved blocks (baseline block, MK block, repeated), so machine noise hits both alike; the
-reported ratio is the median over blocks of MK time / baseline time. Peak memory: on CUDA
+reported ratio is the median over blocks of MK time / baseline time. On CPU every configuration
+is timed in two fresh processes: with glibc's default malloc, which hands large freed blocks back
+to the kernel and page-faults them in again every step, and after ``mkopt.retain_freed_memory()``
+(both the baseline and MK run under the same allocator in each process). Peak memory: on CUDA
 ``max_memory_allocated``; on CPU, in a fresh child process per variant, the peak RSS while it
 builds the model and optimizer and trains 3 steps, minus the RSS just before (the kernel's peak
 counter is reset there; for MK the sampler is compiled beforehand).
@@ -16,7 +19,6 @@ import argparse
 import multiprocessing as mp
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mkopt  # noqa: E402
+from mkopt.experiments.runs import commit_of_tree  # noqa: E402
 from mkopt.experiments.models import mlp  # noqa: E402
 
 
@@ -50,7 +53,7 @@ def small_cnn() -> nn.Module:
 
 
 def build_model(name: str) -> nn.Module:
-    if name.startswith("mlp"):
+    if name.startswith("mlp"):  # hidden widths after "mlp", dash-separated
         return mlp(tuple(int(h) for h in name[3:].split("-")), inputs=3072, classes=10)
     if name == "cnn":
         return small_cnn()
@@ -115,6 +118,23 @@ def time_ratio(config: Config, device: str, blocks: int, steps: int) -> tuple[fl
     return statistics.median(times[False]), statistics.median(times[True]), statistics.median(ratios)
 
 
+def _child_time(config: Config, device: str, blocks: int, steps: int, retain: bool, queue) -> None:
+    if retain:
+        mkopt.retain_freed_memory()
+    queue.put(time_ratio(config, device, blocks, steps))
+
+
+def time_ratio_in_child(config: Config, device: str, blocks: int, steps: int, retain: bool) -> tuple[float, float, float]:
+    """:func:`time_ratio` in a fresh process: no allocator state or thresholds carried over from other configs."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child_time, args=(config, device, blocks, steps, retain, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
 def _status_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -123,11 +143,10 @@ def _status_kib(field: str) -> int:
 
 
 def _child_peak(config: Config, variant: str, device: str, queue) -> None:
-    if variant == "mk":  # compile the sampler first: compiler memory is not training memory
-        from mkopt.sampling import counter_dirichlet_
-
-        for n in (1000, 1001):
-            counter_dirichlet_(torch.empty(config.e, n), key=0)
+    if variant == "mk":  # compile mkopt's kernels first (on a tiny model): compiler memory is not training memory
+        tiny = Config(config.name, "mlp8", config.optimizer, 4, config.e, config.mode)
+        for _ in range(2):
+            train_step(*setup(tiny, True, device))
     rss_before = _status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter (Linux >= 4.0)
     model, opt, x, y = setup(config, variant == "mk", device)
@@ -185,7 +204,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible to torch")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = commit_of_tree()
     machine = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     header = [
         "# step_overhead: MK(e) / baseline, measured side by side",
@@ -194,16 +213,23 @@ def main() -> None:
         f"commit: {commit}, torch {torch.__version__}, device: {args.device} ({machine}), "
         f"{args.blocks} interleaved blocks x {args.steps} steps, median ratio",
         "",
-        "| model | optimizer | batch | e | p | base ms/step | MK ms/step | time ratio | base peak MiB | MK peak MiB | memory ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | optimizer | batch | e | p | base ms/step | MK ms/step | time ratio | "
+        "base ms/step (retained) | MK ms/step (retained) | time ratio (retained) | base peak MiB | MK peak MiB | memory ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(header), flush=True)
     rows = []
     chosen = [c for c in configs(args.quick) if not args.only or args.only in f"{c.name} {c.optimizer} {c.mode}"]
     for config in chosen:
-        base_t, mk_t, ratio = time_ratio(config, args.device, args.blocks, args.steps)
+        if args.device == "cuda":
+            base_t, mk_t, ratio = time_ratio(config, args.device, args.blocks, args.steps)
+            retained = "| - | - | -"  # the CUDA caching allocator already keeps freed blocks
+        else:
+            base_t, mk_t, ratio = time_ratio_in_child(config, args.device, args.blocks, args.steps, retain=False)
+            rb, rm, rr = time_ratio_in_child(config, args.device, args.blocks, args.steps, retain=True)
+            retained = f"| {rb * 1e3:.1f} | {rm * 1e3:.1f} | **{rr:.2f}x**"
         mem = ("-", "-", "-") if args.no_memory else tuple(f"{v:.1f}" if i < 2 else f"{v:.2f}x" for i, v in enumerate(peak_memory_ratio(config, args.device)))
-        row = f"| {config.name} | {config.optimizer} | {config.batch} | {config.e} | {config.mode} | {base_t * 1e3:.1f} | {mk_t * 1e3:.1f} | **{ratio:.2f}x** | {mem[0]} | {mem[1]} | {mem[2]} |"
+        row = f"| {config.name} | {config.optimizer} | {config.batch} | {config.e} | {config.mode} | {base_t * 1e3:.1f} | {mk_t * 1e3:.1f} | **{ratio:.2f}x** {retained} | {mem[0]} | {mem[1]} | {mem[2]} |"
         rows.append(row)
         print(row, flush=True)
     if args.out:

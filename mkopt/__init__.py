@@ -9,9 +9,11 @@ Example:
 """
 
 from .adversarial import PROBABILITY_MODES
+from .allocator import retain_freed_memory
 from .deploy import collapse, collapse_state_dict, deploy
 from .diagnostics import KernelCollapseWarning
 from .expand import Expansion, expand, expansion_of, is_expanded
+from .fused import mix_regenerated
 from .optimizer import MKOptimizer
 from .parametrization import MajorityKernel, mean_of_copies, mix_copies
 from .sampling import DirichletSampler, fill_dirichlet_
@@ -30,10 +32,12 @@ __all__ = [
     "Expansion",
     "MajorityKernel",
     "mix_copies",
+    "mix_regenerated",
     "mean_of_copies",
     "DirichletSampler",
     "fill_dirichlet_",
     "select_targets",
     "is_default_kernel",
+    "retain_freed_memory",
 ]
 __version__ = "0.1.0"

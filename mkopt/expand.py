@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .parametrization import MajorityKernel
+from .compiled import compile_by_default
 from .sampling import DirichletSampler, step_seed
 from .targets import TargetSpec, TargetTensor, select_targets
 
@@ -160,6 +161,7 @@ def expand(
     init: Init = "replicate",
     seed: int = 0,
     sampler_compile: bool | None = None,
+    keep_p_buffer: bool = False,
 ) -> Expansion:
     """Turn every target tensor of ``model`` into ``e`` majority-kernel copies, in place.
 
@@ -168,6 +170,9 @@ def expand(
     start from scratch: copies diverge from the first step because each gets ``p_k * grad``).
     ``init="independent"`` draws each copy with the layer's own ``reset_parameters``.
     ``sampler_compile``: see :func:`mkopt.sampling.counter_dirichlet_` (``None``: compile on CPU).
+    Where the kernels are compiled, ``p`` is regenerated inside them and never stored
+    (:mod:`mkopt.fused`); ``keep_p_buffer=True`` stores it in flat buffers instead, as the
+    adversarial modes need (their ``p`` comes from gradients).
 
     Most users call :class:`mkopt.MKOptimizer`, which expands and builds the optimizer.
 
@@ -195,7 +200,8 @@ def expand(
                 "call model.zero_grad(set_to_none=True) before building MKOptimizer"
             )
     original_keys = list(model.state_dict().keys())
-    sampler = DirichletSampler(e, seed, compiled=sampler_compile)
+    regenerate = not keep_p_buffer and all(compile_by_default(t.param.device, sampler_compile) for t in chosen)
+    sampler = DirichletSampler(e, seed, compiled=sampler_compile, regenerate=regenerate)
     parameter_orders: dict[str, list[str]] = {}
     views = [sampler.allocate(t.param.device, t.param.dtype, t.param.shape) for t in chosen]
     sampler.draw(0)  # registration runs the parametrization once: p must exist

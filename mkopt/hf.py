@@ -185,11 +185,11 @@ class MKTrainerCallback(TrainerCallback):
 
 
 def _check_device(mk: MKOptimizer) -> None:
-    views = mk.expansion.sampler.views
-    for target, p in zip(mk.expansion.targets, views):
-        if target.param.device != p.device:
+    slots = mk.expansion.sampler.slots
+    for target, slot in zip(mk.expansion.targets, slots):
+        if target.param.device != slot.device:
             raise RuntimeError(
-                f"{target.name!r} is on {target.param.device} but its MK probabilities are on {p.device}: Trainer "
+                f"{target.name!r} is on {target.param.device} but its MK probabilities are on {slot.device}: Trainer "
                 "moved the model after MKOptimizer was built; call model.to(device) first, then build MKOptimizer"
             )
 

@@ -104,7 +104,10 @@ class MKOptimizer(torch.optim.Optimizer):
         self.probabilities = probabilities
         self.adversarial_eps = float(adversarial_eps)
         self.lr_compensation = bool(lr_compensation)
-        self.expansion: Expansion = expand(model, e, targets=targets, init=init, seed=seed, sampler_compile=sampler_compile)
+        self.expansion: Expansion = expand(
+            model, e, targets=targets, init=init, seed=seed, sampler_compile=sampler_compile,
+            keep_p_buffer=probabilities != "dirichlet",  # uniform and adversarial p are not a stream
+        )  # fmt: skip
         if lr_compensation:
             for module in model.modules():
                 if hasattr(module, "grad_scale") and hasattr(module, "tied"):
@@ -274,8 +277,9 @@ class MKOptimizer(torch.optim.Optimizer):
     # -- collapse, diagnostics, state -------------------------------------------------------
     def collapse(self) -> nn.Module:
         """Fold the model in place into its plain form (mean kernels) and return it; ends MK training."""
-        for view in self.expansion.sampler.views:
-            view.requires_grad_(False)
+        if not self.expansion.sampler.regenerate:  # adversarial modes: p may still require grad
+            for view in self.expansion.sampler.views:
+                view.requires_grad_(False)
         collapse(self.model)
         self._collapsed = True
         return self.model

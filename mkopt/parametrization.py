@@ -11,6 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .fused import mix_regenerated
+from .sampling import ProbabilitySlot
+
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -73,10 +76,12 @@ def mean_of_copies(stacked: torch.Tensor) -> torch.Tensor:
 class MajorityKernel(nn.Module):
     """Parametrization turning a ``[e, *shape]`` stack into the ``[*shape]`` tensor a module reads.
 
-    Registered by :func:`mkopt.expand`; users rarely build one. ``p`` is a view into the sampler's
-    flat buffer, refilled once per optimizer step. ``right_inverse`` builds the stack at
-    registration (``init`` copies); a ``tied`` instance (second owner of a shared tensor) receives
-    the already expanded stack and passes it through unchanged.
+    Registered by :func:`mkopt.expand`; users rarely build one. ``p`` is either a ``[e, *shape]``
+    tensor (a view into the sampler's flat buffer, refilled once per optimizer step) or a
+    :class:`~mkopt.sampling.ProbabilitySlot` whose sampler regenerates ``p`` inside fused kernels
+    (:mod:`mkopt.fused`). The :attr:`p` property returns the probabilities in use either way.
+    ``right_inverse`` builds the stack at registration (``init`` copies); a ``tied`` instance
+    (second owner of a shared tensor) receives the already expanded stack and passes it through.
 
     Example:
         >>> lin = nn.Linear(2, 2)
@@ -87,23 +92,42 @@ class MajorityKernel(nn.Module):
         (3, 2, 2)
     """
 
-    def __init__(self, e: int, p: torch.Tensor, copies: Any = None, tied: bool = False) -> None:
+    def __init__(self, e: int, p: torch.Tensor | ProbabilitySlot, copies: Any = None, tied: bool = False) -> None:
         super().__init__()
         self.e = e
-        self.p = p  # plain attribute, not a buffer: it must stay a view of the flat buffer
+        self.slot = p if isinstance(p, ProbabilitySlot) else None
+        # plain attribute, not a buffer: it must stay a view of the flat buffer
+        self._p = p.view if isinstance(p, ProbabilitySlot) else p
         self._copies = copies
         self.tied = tied
         self.grad_scale = 1.0  # set by MKOptimizer(lr_compensation=True)
 
+    @property
+    def p(self) -> torch.Tensor:
+        """The probabilities of the current step, ``[e, *shape]`` (a fresh tensor when regenerated)."""
+        return self.slot.current() if self._regenerated else self._p
+
+    @property
+    def _regenerated(self) -> bool:
+        return self.slot is not None and self.slot.sampler.regenerate
+
     def forward(self, stacked: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return mean_of_copies(stacked)
-        if self.p.device != stacked.device:
+        device = self.slot.device if self._regenerated else self._p.device
+        if device != stacked.device:
             raise RuntimeError(
-                f"MK probabilities live on {self.p.device} but the weight is on {stacked.device}: "
+                f"MK probabilities live on {device} but the weight is on {stacked.device}: "
                 "move the model to its device before building MKOptimizer, or rebuild it after moving"
             )
-        return mix_copies(stacked, self.p, self.grad_scale)
+        if self._regenerated:
+            slot = self.slot
+            sampler = slot.sampler
+            return mix_regenerated(
+                stacked, slot.step_key, slot.offset_tensor, sampler.constants(device), slot.key.dtype,
+                self.grad_scale, sampler.compile_kernels(device),
+            )  # fmt: skip
+        return mix_copies(stacked, self._p, self.grad_scale)
 
     @torch.no_grad()
     def right_inverse(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -114,4 +138,4 @@ class MajorityKernel(nn.Module):
         return stacked
 
     def extra_repr(self) -> str:
-        return f"e={self.e}" + (", tied" if self.tied else "")
+        return f"e={self.e}" + (", tied" if self.tied else "") + (", p regenerated" if self._regenerated else "")

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import warnings
-
 import torch
+
+from .compiled import compile_by_default, run_kernel
 
 _MASK64 = (1 << 64) - 1
 
@@ -72,62 +72,136 @@ def probability_dtype(param_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if param_dtype == torch.float64 else torch.float32
 
 
-class DirichletSampler:
-    """Owns the flat ``[e, n]`` probability buffers of an expanded model and redraws them per step.
+@dataclass
+class ProbabilitySlot:
+    """Where one target tensor's ``p`` lives: columns ``offset .. offset + numel`` of a stream.
 
-    Each buffer is allocated once and refilled in place: the parametrizations hold views into it,
-    and fresh multi-megabyte allocations every step would cost page faults.
+    Buffer mode: ``view`` aliases the flat ``[e, n]`` buffer (valid after the first draw).
+    Regenerate mode: no buffer exists; :meth:`current` recomputes ``p`` from the step's key.
+    """
+
+    sampler: "DirichletSampler"
+    key: BufferKey
+    offset: int
+    shape: torch.Size
+    view: torch.Tensor
+    offset_tensor: torch.Tensor
+
+    @property
+    def device(self) -> torch.device:
+        return self.key.device
+
+    @property
+    def step_key(self) -> torch.Tensor:
+        """This step's stream key, a 0-dim int64 tensor (a new tensor per step, never mutated)."""
+        return self.sampler.keys[self.key]
+
+    def current(self) -> torch.Tensor:
+        """``p`` in use now, ``[e, *shape]``: the buffer view, or a freshly regenerated tensor."""
+        if not self.sampler.regenerate:
+            return self.view
+        flat = torch.empty(self.sampler.e, self.shape.numel(), device=self.key.device, dtype=self.key.dtype)
+        with torch.no_grad():
+            counter_dirichlet_(flat, self.step_key, compiled=self.sampler.compiled, offset=self.offset_tensor)
+        return flat.view(self.sampler.e, *self.shape)
+
+
+class DirichletSampler:
+    """Owns the probabilities of an expanded model and redraws them once per step.
+
+    Buffer mode (``regenerate=False``): flat ``[e, n]`` buffers, allocated once and refilled in
+    place; the parametrizations hold views into them (fresh multi-megabyte allocations every
+    step would cost page faults). The adversarial modes need this: their ``p`` comes from
+    gradients, not from the stream.
+
+    Regenerate mode (``regenerate=True``): no buffer at all. A draw only computes each stream's
+    key; the parametrization regenerates ``p`` inside its fused forward and backward kernels
+    (:mod:`mkopt.fused`) from ``(key, element index)``, the same values the buffer would hold.
+    This saves ``e`` floats per weight and two passes over them per step.
 
     Example:
         >>> s = DirichletSampler(e=3, seed=0)
-        >>> view = s.allocate(torch.device("cpu"), torch.float32, torch.Size([2, 2]))
-        >>> s.draw(step=0); tuple(view.shape)
+        >>> slot = s.allocate(torch.device("cpu"), torch.float32, torch.Size([2, 2]))
+        >>> s.draw(step=0); tuple(slot.current().shape)
         (3, 2, 2)
     """
 
-    def __init__(self, e: int, seed: int, compiled: bool | None = None) -> None:
+    def __init__(self, e: int, seed: int, compiled: bool | None = None, regenerate: bool = False) -> None:
         self.e = e
         self.seed = seed
         self.compiled = compiled
+        self.regenerate = regenerate
         self._sizes: dict[BufferKey, int] = {}
-        self._pending: list[tuple[BufferKey, int, torch.Size, torch.Tensor]] = []
+        self._pending: list[ProbabilitySlot] = []
+        self.slots: list[ProbabilitySlot] = []
         self.buffers: dict[BufferKey, torch.Tensor] = {}
-        self.views: list[torch.Tensor] = []
+        self.keys: dict[BufferKey, torch.Tensor] = {}
+        self._constants: dict[torch.device, torch.Tensor] = {}
         self.step: int | None = None
 
-    def allocate(self, device: torch.device, dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
-        """Reserve ``p`` for a tensor of ``shape``; returns a ``[e, *shape]`` view (valid after ``draw``)."""
+    def compile_kernels(self, device: torch.device) -> bool:
+        """Whether the kernels for tensors on ``device`` run compiled (see :mod:`mkopt.compiled`)."""
+        return compile_by_default(device, self.compiled)
+
+    def constants(self, device: torch.device) -> torch.Tensor:
+        """SplitMix64's constants on ``device``, made once."""
+        if device not in self._constants:
+            self._constants[device] = splitmix64_constants(device)
+        return self._constants[device]
+
+    @property
+    def views(self) -> list[torch.Tensor]:
+        """The buffer views, one per slot (buffer mode only: regenerated ``p`` has no storage)."""
+        if self.regenerate:
+            raise RuntimeError(
+                "this sampler regenerates p inside the MK kernels and keeps no buffer: read a tensor's current p "
+                "with slot.current() (or module.parametrizations.weight[0].p)"
+            )
+        return [slot.view for slot in self.slots]
+
+    def allocate(self, device: torch.device, dtype: torch.dtype, shape: torch.Size) -> ProbabilitySlot:
+        """Reserve ``p`` for a tensor of ``shape``; its values exist after the first :meth:`draw`."""
         key = BufferKey(torch.device(device), probability_dtype(dtype))
         offset = self._sizes.get(key, 0)
         numel = shape.numel()
         self._sizes[key] = offset + numel
         # The view is materialized lazily: the flat buffer's final size is known only after all allocations.
         holder = torch.empty(0, device=device, dtype=key.dtype)
-        self._pending.append((key, offset, torch.Size(shape), holder))
-        return holder
+        offset_tensor = torch.tensor(offset, dtype=torch.int64, device=device)
+        slot = ProbabilitySlot(self, key, offset, torch.Size(shape), holder, offset_tensor)
+        self._pending.append(slot)
+        return slot
 
     def _materialize(self) -> None:
-        for key, size in self._sizes.items():
-            if key not in self.buffers:
-                self.buffers[key] = torch.empty(self.e, size, device=key.device, dtype=key.dtype)
-        for key, offset, shape, holder in self._pending:
-            flat = self.buffers[key]
-            view = flat[:, offset : offset + shape.numel()].view(self.e, *shape)
-            with torch.no_grad():
-                holder.set_(view)  # the parametrization's tensor now aliases the flat buffer
-            self.views.append(holder)
+        if not self.regenerate:
+            for key, size in self._sizes.items():
+                if key not in self.buffers:
+                    self.buffers[key] = torch.empty(self.e, size, device=key.device, dtype=key.dtype)
+        for slot in self._pending:
+            if not self.regenerate:
+                flat = self.buffers[slot.key]
+                view = flat[:, slot.offset : slot.offset + slot.shape.numel()].view(self.e, *slot.shape)
+                with torch.no_grad():
+                    slot.view.set_(view)  # the parametrization's tensor now aliases the flat buffer
+            self.slots.append(slot)
         self._pending.clear()
 
     def draw(self, step: int) -> None:
-        """Fill every buffer with the probabilities of optimizer step ``step`` (deterministic)."""
+        """Fill every buffer (or set every key) with the probabilities of step ``step`` (deterministic)."""
         if self._pending:
             self._materialize()
-        for stream, (key, flat) in enumerate(self.buffers.items()):
-            counter_dirichlet_(flat, step_seed(self.seed, step, stream), compiled=self.compiled)
+        for stream, key in enumerate(self._sizes):
+            seed = step_seed(self.seed, step, stream)
+            # a new tensor each step: a graph built at step t keeps step t's key for its backward
+            self.keys[key] = torch.tensor(seed, dtype=torch.int64, device=key.device)
+            if not self.regenerate:
+                counter_dirichlet_(self.buffers[key], self.keys[key], compiled=self.compiled)
         self._drawn(step)
 
     def fill_uniform(self, step: int) -> None:
         """Set every ``p`` to ``1/e`` (uniform mode, and the start of an adversarial step)."""
+        if self.regenerate:
+            raise RuntimeError("uniform and adversarial p need the buffer mode: build the sampler with regenerate=False")
         if self._pending:
             self._materialize()
         for flat in self.buffers.values():
@@ -137,7 +211,8 @@ class DirichletSampler:
     def _drawn(self, step: int) -> None:
         # set_() aliases give each view its own version counter: bump them, so autograd refuses
         # a backward through a graph that was built with the previous p.
-        torch.autograd.graph.increment_version(self.views)
+        if not self.regenerate:
+            torch.autograd.graph.increment_version(self.views)
         self.step = step
 
 
@@ -175,22 +250,32 @@ def splitmix64_constants(device: torch.device | str = "cpu") -> torch.Tensor:
     return torch.tensor([_GOLDEN_GAMMA, _MIX1, _MIX2], dtype=torch.int64, device=device)
 
 
-def _counter_fill(out: torch.Tensor, key: torch.Tensor, constants: torch.Tensor) -> None:
-    """Hash -> uniforms -> Dirichlet columns, written functionally so the compiler fuses one pass."""
-    e, n = out.shape
-    if e == 1:
-        out.fill_(1.0)
-        return
-    index = torch.arange(n, device=out.device, dtype=torch.int64)
-    bits = _MANTISSA_BITS[out.dtype]
+def probability_rows(n: int, e: int, key: torch.Tensor, offset: torch.Tensor, constants: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The ``e`` rows of ``p`` for stream columns ``offset .. offset + n`` (``e >= 2``), as ``[n]`` tensors.
+
+    Element ``i`` depends only on ``(key, offset + i)``: any slice of a stream can be recomputed
+    anywhere (a flat buffer fill, or inside a fused kernel) with the same values. Written
+    functionally so the compiler fuses hash, spacings and normalization into the consumer.
+    """
+    index = torch.arange(n, device=key.device, dtype=torch.int64) + offset
+    bits = _MANTISSA_BITS[dtype]
     count = len(uniform_rows(e))
     if count == 2 and bits <= 32:  # e=3, float32: both uniforms from one 64-bit output
         word = splitmix64(index, key, constants)
         fields = [_shift_right_logical(word, 64 - bits), _shift_right_logical(word, 32 - bits) & ((1 << bits) - 1)]
     else:
         fields = [_shift_right_logical(splitmix64(index * count + r, key, constants), 64 - bits) for r in range(count)]
-    uniforms = [f.to(out.dtype) * 2.0**-bits for f in fields]
-    for row, values in enumerate(dirichlet_from_uniforms(uniforms, e, out.dtype)):
+    uniforms = [f.to(dtype) * 2.0**-bits for f in fields]
+    return dirichlet_from_uniforms(uniforms, e, dtype)
+
+
+def _counter_fill(out: torch.Tensor, key: torch.Tensor, constants: torch.Tensor, offset: torch.Tensor) -> None:
+    """Hash -> uniforms -> Dirichlet columns into ``out``; the compiler fuses it into one pass."""
+    e, n = out.shape
+    if e == 1:
+        out.fill_(1.0)
+        return
+    for row, values in enumerate(probability_rows(n, e, key, offset, constants, out.dtype)):
         out[row].copy_(values)  # row writes fuse into one kernel; a stack would materialize
 
 
@@ -217,44 +302,23 @@ def dirichlet_from_uniforms(uniforms: list[torch.Tensor], e: int, dtype: torch.d
     return [x / total for x in exponentials]
 
 
-_compiled_fill = None
-_compile_failed = False
-
-
-def counter_dirichlet_(out: torch.Tensor, key: int, compiled: bool | None = None) -> torch.Tensor:
-    """Fill ``out`` (``[e, n]``) with Dirichlet(1) columns from the counter-based stream ``key``.
+def counter_dirichlet_(
+    out: torch.Tensor, key: int | torch.Tensor, compiled: bool | None = None, offset: int | torch.Tensor = 0
+) -> torch.Tensor:
+    """Fill ``out`` (``[e, n]``) with columns ``offset .. offset + n`` of the Dirichlet(1) stream ``key``.
 
     ``compiled=None`` compiles on CPU (once per e and dtype, a few seconds; any size) and runs
-    eagerly elsewhere; if compilation is impossible it warns once and runs eagerly. The values
-    are identical either way.
+    eagerly elsewhere; if compilation is impossible it warns once and runs eagerly (see
+    :mod:`mkopt.compiled`). The values are identical either way.
 
     Example:
         >>> p = counter_dirichlet_(torch.empty(3, 4), key=7, compiled=False)
         >>> bool((p > 0).all()), torch.allclose(p.sum(0), torch.ones(4))
         (True, True)
     """
-    global _compiled_fill, _compile_failed
-    key_tensor = torch.tensor(key, dtype=torch.int64, device=out.device)
+    key_tensor = torch.as_tensor(key, dtype=torch.int64, device=out.device)
+    offset_tensor = torch.as_tensor(offset, dtype=torch.int64, device=out.device)
     constants = splitmix64_constants(out.device)
-    use_compiled = (out.device.type == "cpu") if compiled is None else compiled
-    if use_compiled and not _compile_failed:
-        if _compiled_fill is None:
-            _compiled_fill = torch.compile(_counter_fill, fullgraph=True)  # static first, dynamic on a new size
-        try:
-            # one graph per (e, dtype), static then dynamic in n: allow more than dynamo's default 8
-            with torch._dynamo.config.patch(recompile_limit=64):
-                _compiled_fill(out, key_tensor, constants)
-            return out
-        except Exception as error:  # no C++ compiler, unsupported platform, ...
-            if compiled:
-                raise
-            _compile_failed = True
-            warnings.warn(
-                f"mkopt could not compile its probability sampler ({type(error).__name__}: {error}); "
-                "drawing p eagerly instead: same values, several times slower. Install a C++ compiler "
-                "for torch.compile, or pass sampler_compile=False to silence this.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-    _counter_fill(out, key_tensor, constants)
+    use_compiled = compile_by_default(out.device, compiled)
+    run_kernel(_counter_fill, out, key_tensor, constants, offset_tensor, compiled=use_compiled, required=bool(compiled))
     return out

@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -29,7 +28,7 @@ from mkopt.experiments.finetune import (
 )
 from mkopt.checkpoint import atomic_write
 from mkopt.experiments.recipe_config import parse_overrides
-from mkopt.experiments.runs import write_json_atomic
+from mkopt.experiments.runs import commit_of_tree, write_json_atomic
 from mkopt.experiments.text import group_split, load_rotten_tomatoes
 from mkopt.soups import greedy_soup, uniform_soup
 
@@ -63,17 +62,6 @@ def save_atomic(state: dict, path: Path) -> None:
     atomic_write(path, lambda file: torch.save(state, file))
 
 
-def commit_of_tree() -> str:
-    """HEAD, with "-dirty" when tracked files differ from it (then HEAD alone did not produce the result)."""
-    try:
-        repo = Path(__file__).resolve().parent
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=repo).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True, cwd=repo).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("-dirty" if dirty else "")
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
@@ -100,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
 
     cost = {"baseline": 0, "mk": 0, "adv-mk": 1}  # cheap methods for every seed first, Adv-MK (2 passes) last
     plan = sorted(((m, s) for m in config["methods"] for s in config["seeds"]), key=lambda ms: (cost[ms[0]], ms[1], METHODS.index(ms[0])))
-    provenance = {"command": " ".join([sys.argv[0], "--config", args.config, *args.overrides]), "commit": commit_of_tree(),
+    provenance = {"command": " ".join([sys.argv[0], "--config", args.config, *args.overrides]), "commit": commit_of_tree(short=False),
                   "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads", "split_sizes": sizes}
     for method, seed in plan:
         path = result_path(out, method, seed)

@@ -20,9 +20,11 @@ def batch(dtype=torch.float64, seed=1):
     return torch.randn(16, 3, 4, generator=g, dtype=dtype), torch.randint(0, 3, (16,), generator=g)
 
 
-def test_training_mode_reads_the_mixture_and_eval_reads_the_mean():
+@pytest.mark.parametrize("regenerated", [True, False], ids=["p-regenerated", "p-buffer"])
+def test_training_mode_reads_the_mixture_and_eval_reads_the_mean(regenerated):
     model = make_mlp()
-    opt = mkopt.MKOptimizer(torch.optim.SGD, model, e=3, lr=0.1, init="independent")
+    opt = mkopt.MKOptimizer(torch.optim.SGD, model, e=3, lr=0.1, init="independent", sampler_compile=regenerated)
+    assert opt.expansion.sampler.regenerate is regenerated
     layer = model[1]
     stacked = layer.parametrizations.weight.original
     p = layer.parametrizations.weight[0].p
@@ -38,8 +40,46 @@ def test_training_mode_reads_the_mixture_and_eval_reads_the_mean():
     F.cross_entropy(model(x), y).backward()
     opt.step()
     assert opt.mk_step == 1
-    assert not torch.equal(p, p_before)  # the step drew the next p, in place in the same view
+    p = layer.parametrizations.weight[0].p
+    assert not torch.equal(p, p_before)  # the step drew the next p
     torch.testing.assert_close(layer.weight, (p * stacked).sum(0), rtol=0, atol=1e-15)
+
+
+def test_regenerated_and_buffered_p_train_identically():
+    """The fused kernels rebuild exactly the p the buffer holds: same p, same weights, step after step."""
+    runs = []
+    for regenerated in (True, False):
+        model = make_mlp()
+        opt = mkopt.MKOptimizer(torch.optim.Adam, model, e=3, lr=1e-2, seed=5, sampler_compile=regenerated)
+        ps = []
+        for step in range(4):
+            x, y = batch(seed=step)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            ps.append(model[1].parametrizations.weight[0].p.clone())
+            opt.step()
+        runs.append((ps, [t.detach().clone() for t in model.parameters()]))
+    (ps_a, w_a), (ps_b, w_b) = runs
+    assert all(torch.equal(a, b) for a, b in zip(ps_a, ps_b))
+    for a, b in zip(w_a, w_b):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_a_graph_keeps_the_p_of_its_own_forward():
+    """Regenerated p: backward after the next draw still uses the forward's p (the key is saved)."""
+    model = make_mlp()
+    opt = mkopt.MKOptimizer(torch.optim.SGD, model, e=3, lr=0.1, init="independent", sampler_compile=True)
+    layer = model[1]
+    x, y = batch()
+    with parametrize.cached():
+        w = layer.weight
+        w.retain_grad()
+        loss = F.cross_entropy(model(x), y)
+    p_forward = layer.parametrizations.weight[0].p.clone()
+    opt.expansion.sampler.draw(7)  # what a premature opt.step() would do
+    assert not torch.equal(layer.parametrizations.weight[0].p, p_forward)
+    loss.backward()
+    assert torch.equal(layer.parametrizations.weight.original.grad, p_forward * w.grad.unsqueeze(0))
 
 
 def test_gradient_of_copy_k_is_p_k_times_grad_w_exactly():

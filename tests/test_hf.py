@@ -204,7 +204,7 @@ class RecordP(TrainerCallback):
         self.opt, self.draws, self.steps = opt, [], []
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.draws.append(self.opt.expansion.sampler.views[0].detach().clone())
+        self.draws.append(self.opt.expansion.sampler.slots[0].current().detach().clone())
         self.steps.append(self.opt.mk_step)
 
 

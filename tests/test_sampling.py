@@ -11,9 +11,9 @@ N = 200_000
 
 def sample(e: int, dtype=torch.float32, step: int = 0, seed: int = 0, n: int = N) -> torch.Tensor:
     sampler = DirichletSampler(e, seed)
-    view = sampler.allocate(torch.device("cpu"), dtype, torch.Size([n]))
+    slot = sampler.allocate(torch.device("cpu"), dtype, torch.Size([n]))
     sampler.draw(step)
-    return view.clone()
+    return slot.current().clone()
 
 
 @pytest.mark.parametrize("e", [1, 2, 3, 4, 8])
@@ -103,8 +103,8 @@ def test_neighbouring_elements_and_steps_are_not_correlated():
 
 def test_views_of_several_tensors_share_one_flat_buffer():
     sampler = DirichletSampler(3, 0)
-    a = sampler.allocate(torch.device("cpu"), torch.float32, torch.Size([4, 5]))
-    b = sampler.allocate(torch.device("cpu"), torch.float32, torch.Size([7]))
+    a = sampler.allocate(torch.device("cpu"), torch.float32, torch.Size([4, 5])).view
+    b = sampler.allocate(torch.device("cpu"), torch.float32, torch.Size([7])).view
     sampler.draw(0)
     (flat,) = sampler.buffers.values()
     assert flat.shape == (3, 27)
@@ -126,3 +126,21 @@ def test_step_seed_is_deterministic_and_spreads():
     assert step_seed(0, 0) == step_seed(0, 0)
     seeds = {step_seed(s, t, r) for s in range(4) for t in range(50) for r in range(3)}
     assert len(seeds) == 600 and all(0 <= x < 2**63 for x in seeds)
+
+
+@pytest.mark.parametrize("e", [2, 3, 4])
+def test_regenerated_slots_equal_the_buffer_columns(e):
+    """A regenerating sampler keeps no buffer; each slot rebuilds exactly its columns of the stream."""
+    shapes = [torch.Size([4, 5]), torch.Size([7]), torch.Size([3, 2, 2])]
+    buffered, regenerated = DirichletSampler(e, 9), DirichletSampler(e, 9, regenerate=True)
+    slots = {s: [s.allocate(torch.device("cpu"), torch.float32, shape) for shape in shapes] for s in (buffered, regenerated)}
+    for step in (0, 3):
+        buffered.draw(step)
+        regenerated.draw(step)
+        assert regenerated.buffers == {}
+        for a, b in zip(slots[buffered], slots[regenerated]):
+            torch.testing.assert_close(b.current(), a.current(), rtol=0, atol=0 if e <= 3 else 2.5e-7)
+    with pytest.raises(RuntimeError, match="keeps no buffer"):
+        regenerated.views
+    with pytest.raises(RuntimeError, match="buffer mode"):
+        regenerated.fill_uniform(0)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import platform
 import statistics
-import subprocess
 from pathlib import Path
 
 import torch
 
-from .runs import ResultStore
+from .runs import ResultStore, commit_of_tree
 from .sweep import SweepConfig, select_lr
 
 LABELS = {
@@ -54,7 +53,7 @@ def cell(store: ResultStore, config: SweepConfig, method: str, arch: str, optimi
 
 
 def table(store: ResultStore, config: SweepConfig, command: str) -> str:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = commit_of_tree()
     lines = [
         f"# Table 1 on {config.dataset}: test accuracy (%) at the lr picked on validation, mean ± std over seeds",
         "",

@@ -21,7 +21,7 @@ from ..checkpoint import atomic_write
 from ..data import Split, load_cifar10, load_fashion_mnist, load_npz, validation_split
 from . import methods
 from .launcher import InlineLauncher, Launcher
-from .runs import ResultStore, RunSpec
+from .runs import ResultStore, RunSpec, commit_of_tree
 
 # Epoch budget per method (full grid). MK needs more steps (paper 5.1): the MK variants and
 # baseline-long get LONG, everything else BASE. Ensemble members and the distillation student
@@ -172,10 +172,8 @@ def run_sweep(config: SweepConfig, root: str | os.PathLike, launcher: Launcher |
 
 def _provenance() -> dict[str, Any]:
     import platform
-    import subprocess
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
-    return {"commit": commit or "unknown", "torch": torch.__version__, "machine": platform.machine(), "cpus": os.cpu_count(), "threads": os.environ.get("MKOPT_THREADS", str(torch.get_num_threads()))}
+    return {"commit": commit_of_tree(), "torch": torch.__version__, "machine": platform.machine(), "cpus": os.cpu_count(), "threads": os.environ.get("MKOPT_THREADS", str(torch.get_num_threads()))}
 
 
 def _progress(total: int, label: str):
