@@ -22,6 +22,8 @@ import math
 
 import torch
 
+from .compiled import run_kernel
+
 PROBABILITY_MODES: tuple[str, ...] = ("dirichlet", "uniform", "adversarial", "adv-mk")
 ADVERSARIAL_MODES: tuple[str, ...] = ("adversarial", "adv-mk")
 # Default ascent step on p. |dL/dp| = |W~ * dL/dW| is small (~1e-5 for the paper's MLPs on Fashion-MNIST), so eps
@@ -102,22 +104,39 @@ def ascend_(p: torch.Tensor, grad_p: torch.Tensor, step: torch.Tensor, randomize
         >>> [round(v, 4) for v in p[0].tolist()], float(entropy) < 3.0
         ([0.6667, 0.5, 0.5], True)
     """
-    new = adversarial_probabilities(grad_p * step, 1.0)
-    if randomize:
-        new = mix_with_random(new, p)
-    p.copy_(new)
-    return (1 - divergence_from_uniform(new)).sum()
+    # The reference functions above, written per copy (rows) so that the compiler emits one loop over
+    # the elements instead of a reduction loop per sum over copies (3x faster on CPU for e=3).
+    e = p.shape[0]
+    clamped = [(grad_p[k] * step + 1 / e).clamp_min(0) for k in range(e)]  # normalize_simplex(grad_p * step + 1/e)
+    total = _row_sum(clamped)
+    tiny = torch.finfo(p.dtype).tiny
+    new = [torch.where(total > 0, c / total.clamp_min(tiny), 1 / e) for c in clamped]
+    divergence = _row_divergence(new)
+    if randomize:  # mix_with_random
+        new = [divergence * a + (1 - divergence) * p[k] for k, a in enumerate(new)]
+        divergence = _row_divergence(new)
+    if torch.compiler.is_compiling():
+        p.copy_(torch.stack(new))  # one loop with e stores
+    else:
+        for k, row in enumerate(new):
+            p[k].copy_(row)
+    return (1 - divergence).sum()
 
 
-_compiled_ascend = None
+def _row_sum(rows: list[torch.Tensor]) -> torch.Tensor:
+    return sum(rows[1:], rows[0])
+
+
+def _row_divergence(rows: list[torch.Tensor]) -> torch.Tensor:
+    """:func:`divergence_from_uniform` of the columns formed by ``rows``."""
+    e = len(rows)
+    if e == 1:
+        return torch.zeros_like(rows[0])
+    tiny = torch.finfo(rows[0].dtype).tiny  # r * log(max(r, tiny)) = xlogy(r, r) up to denormal r; vectorizes, xlogy does not
+    kl = _row_sum([r * torch.log(r.clamp_min(tiny)) for r in rows]) + math.log(e)
+    return (kl / math.log(e)).clamp(0.0, 1.0)
 
 
 def compiled_ascend_(p: torch.Tensor, grad_p: torch.Tensor, step: torch.Tensor, randomize: bool, compiled: bool) -> torch.Tensor:
     """:func:`ascend_`, through ``torch.compile`` when ``compiled`` (one fused pass instead of ~15)."""
-    global _compiled_ascend
-    if not compiled:
-        return ascend_(p, grad_p, step, randomize)
-    if _compiled_ascend is None:
-        _compiled_ascend = torch.compile(ascend_, fullgraph=True)
-    with torch._dynamo.config.patch(recompile_limit=64):
-        return _compiled_ascend(p, grad_p, step, randomize)
+    return run_kernel(ascend_, p, grad_p, step, randomize, compiled=compiled)

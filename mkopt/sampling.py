@@ -275,8 +275,12 @@ def _counter_fill(out: torch.Tensor, key: torch.Tensor, constants: torch.Tensor,
     if e == 1:
         out.fill_(1.0)
         return
-    for row, values in enumerate(probability_rows(n, e, key, offset, constants, out.dtype)):
-        out[row].copy_(values)  # row writes fuse into one kernel; a stack would materialize
+    rows = probability_rows(n, e, key, offset, constants, out.dtype)
+    if torch.compiler.is_compiling():
+        out.copy_(torch.stack(rows))  # one loop, e stores per element (row copies: e loops, hash redone)
+    else:
+        for row, values in enumerate(rows):
+            out[row].copy_(values)  # eagerly a stack would materialize a second [e, n] tensor
 
 
 def dirichlet_from_uniforms(uniforms: list[torch.Tensor], e: int, dtype: torch.dtype) -> list[torch.Tensor]:
