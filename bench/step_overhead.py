@@ -7,7 +7,10 @@ interleaved blocks (baseline block, MK block, repeated), so machine noise hits b
 reported ratio is the median over blocks of MK time / baseline time. On CPU every configuration
 is timed in two fresh processes: with glibc's default malloc, which hands large freed blocks back
 to the kernel and page-faults them in again every step, and after ``mkopt.retain_freed_memory()``
-(both the baseline and MK run under the same allocator in each process). Peak memory: on CUDA
+(both the baseline and MK run under the same allocator in each process). "floor ratio": a third
+variant timed in the same blocks, the plain model plus e - 1 extra copies of every kernel whose
+gradients are written each step and stepped by the same optimizer, i.e. MK with free mixing and
+free p; MK's distance to it is what mixing and p cost (Dirichlet rows only). Peak memory: on CUDA
 ``max_memory_allocated``; on CPU, in a fresh child process per variant, the peak RSS while it
 builds the model and optimizer and trains 3 steps, minus the RSS just before (the kernel's peak
 counter is reset there; both variants first train a tiny baseline and MK model, which starts the
@@ -67,23 +70,52 @@ def build_model(name: str) -> nn.Module:
     raise ValueError(name)
 
 
+OPTIMIZERS = {
+    "adam": (torch.optim.Adam, {"lr": 1e-3}),
+    "adam-fused": (torch.optim.Adam, {"lr": 1e-3, "fused": True}),
+    "sgd": (torch.optim.SGD, {"lr": 0.025, "momentum": 0.9}),
+}
+
+
 def build_optimizer(kind: str, model: nn.Module, mk_e: int | None, mode: str = "dirichlet"):
-    cls, kwargs = {
-        "adam": (torch.optim.Adam, {"lr": 1e-3}),
-        "adam-fused": (torch.optim.Adam, {"lr": 1e-3, "fused": True}),
-        "sgd": (torch.optim.SGD, {"lr": 0.025, "momentum": 0.9}),
-    }[kind]
+    cls, kwargs = OPTIMIZERS[kind]
     if mk_e is None:
         return cls(model.parameters(), **kwargs)
     return mkopt.MKOptimizer(cls, model, e=mk_e, probabilities=mode, **kwargs)
 
 
-def setup(config: Config, mk: bool, device: str):
+class CopiesWithoutMixing:
+    """The floor MK cannot go below: the plain model's forward/backward, plus e - 1 extra copies of every
+    kernel whose gradients are written (fresh tensors each step, as MK's are) and stepped by the same
+    optimizer. MK minus this is the cost of mixing the copies and of p itself."""
+
+    def __init__(self, kind: str, model: nn.Module, e: int) -> None:
+        cls, kwargs = OPTIMIZERS[kind]
+        kernels = [w for w in model.parameters() if w.dim() >= 2]
+        self.copies = [(w, [torch.zeros_like(w) for _ in range(e - 1)]) for w in kernels]
+        self.optimizer = cls([*model.parameters(), *(c for _, cs in self.copies for c in cs)], **kwargs)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for w, copies in self.copies:
+            for c in copies:
+                c.grad = w.grad * 1.0
+        self.optimizer.step()
+
+
+def setup(config: Config, variant: str | bool, device: str):
+    """``variant``: "base" (or False), "mk" (or True), or "floor" (:class:`CopiesWithoutMixing`)."""
+    variant = {False: "base", True: "mk"}.get(variant, variant)
     torch.manual_seed(0)
     model = build_model(config.model).to(device)
     if device == "cuda" and config.model in ("cnn", "resnet18"):
         model = model.to(memory_format=torch.channels_last)
-    opt = build_optimizer(config.optimizer, model, config.e if mk else None, config.mode)
+    if variant == "floor":
+        opt = CopiesWithoutMixing(config.optimizer, model, config.e)
+    else:
+        opt = build_optimizer(config.optimizer, model, config.e if variant == "mk" else None, config.mode)
     x = torch.randn(config.batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (config.batch,), device=device)
     return model, opt, x, y
@@ -103,22 +135,26 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_ratio(config: Config, device: str, blocks: int, steps: int) -> tuple[float, float, float]:
-    runs = {mk: setup(config, mk, device) for mk in (False, True)}
-    for mk in (False, True):
+def time_ratio(config: Config, device: str, blocks: int, steps: int) -> dict[str, float]:
+    """Median ms/step of each variant and median per-block ratios to the baseline (the floor only for p = dirichlet)."""
+    variants = ["base", "mk"] + (["floor"] if config.mode == "dirichlet" else [])
+    runs = {v: setup(config, v, device) for v in variants}
+    for v in variants:
         for _ in range(3):
-            train_step(*runs[mk])
-    times: dict[bool, list[float]] = {False: [], True: []}
+            train_step(*runs[v])
+    times: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(blocks):
-        for mk in (False, True):
+        for v in variants:
             sync(device)
             start = time.perf_counter()
             for _ in range(steps):
-                train_step(*runs[mk])
+                train_step(*runs[v])
             sync(device)
-            times[mk].append((time.perf_counter() - start) / steps)
-    ratios = [m / b for b, m in zip(times[False], times[True])]
-    return statistics.median(times[False]), statistics.median(times[True]), statistics.median(ratios)
+            times[v].append((time.perf_counter() - start) / steps)
+    out = {f"{v}_ms": statistics.median(times[v]) * 1e3 for v in variants}
+    for v in variants[1:]:
+        out[f"{v}_ratio"] = statistics.median(t / b for b, t in zip(times["base"], times[v]))
+    return out
 
 
 def _child_time(config: Config, device: str, blocks: int, steps: int, retain: bool, queue) -> None:
@@ -127,7 +163,7 @@ def _child_time(config: Config, device: str, blocks: int, steps: int, retain: bo
     queue.put(time_ratio(config, device, blocks, steps))
 
 
-def time_ratio_in_child(config: Config, device: str, blocks: int, steps: int, retain: bool) -> tuple[float, float, float]:
+def time_ratio_in_child(config: Config, device: str, blocks: int, steps: int, retain: bool) -> dict[str, float]:
     """:func:`time_ratio` in a fresh process: no allocator state or thresholds carried over from other configs."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -225,23 +261,28 @@ def main() -> None:
         f"commit: {commit}, torch {torch.__version__}, device: {args.device} ({machine}), "
         f"{args.blocks} interleaved blocks x {args.steps} steps, median ratio",
         "",
-        "| model | optimizer | batch | e | p | base ms/step | MK ms/step | time ratio | "
-        "base ms/step (retained) | MK ms/step (retained) | time ratio (retained) | base peak MiB | MK peak MiB | memory ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | optimizer | batch | e | p | base ms/step | MK ms/step | time ratio | floor ratio | "
+        "base ms/step (retained) | MK ms/step (retained) | time ratio (retained) | floor ratio (retained) | "
+        "base peak MiB | MK peak MiB | memory ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(header), flush=True)
     rows = []
     chosen = [c for c in configs(args.quick) if not args.only or args.only in f"{c.name} {c.optimizer} {c.mode}"]
     for config in chosen:
-        if args.device == "cuda":
-            base_t, mk_t, ratio = time_ratio(config, args.device, args.blocks, args.steps)
-            retained = "| - | - | -"  # the CUDA caching allocator already keeps freed blocks
+        if args.device == "cuda":  # the CUDA caching allocator already keeps freed blocks: one column set
+            timings = [time_ratio(config, args.device, args.blocks, args.steps)]
         else:
-            base_t, mk_t, ratio = time_ratio_in_child(config, args.device, args.blocks, args.steps, retain=False)
-            rb, rm, rr = time_ratio_in_child(config, args.device, args.blocks, args.steps, retain=True)
-            retained = f"| {rb * 1e3:.1f} | {rm * 1e3:.1f} | **{rr:.2f}x**"
+            timings = [time_ratio_in_child(config, args.device, args.blocks, args.steps, retain) for retain in (False, True)]
+        cells = []
+        for t in timings + [None] * (2 - len(timings)):
+            if t is None:
+                cells += ["-"] * 4
+                continue
+            floor = f"{t['floor_ratio']:.2f}x" if "floor_ratio" in t else "-"
+            cells += [f"{t['base_ms']:.1f}", f"{t['mk_ms']:.1f}", f"**{t['mk_ratio']:.2f}x**", floor]
         mem = ("-", "-", "-") if args.no_memory else tuple(f"{v:.1f}" if i < 2 else f"{v:.2f}x" for i, v in enumerate(peak_memory_ratio(config, args.device)))
-        row = f"| {config.name} | {config.optimizer} | {config.batch} | {config.e} | {config.mode} | {base_t * 1e3:.1f} | {mk_t * 1e3:.1f} | **{ratio:.2f}x** {retained} | {mem[0]} | {mem[1]} | {mem[2]} |"
+        row = "| " + " | ".join([config.name, config.optimizer, str(config.batch), str(config.e), config.mode, *cells, *mem]) + " |"
         rows.append(row)
         print(row, flush=True)
     if args.out:
