@@ -1,7 +1,7 @@
 """One policy for mkopt's small elementwise kernels: compiled once with ``torch.compile``, eager as fallback.
 
 The kernels (probability draw, fused mixing, adversarial ascent) are pure functions whose
-compiled and eager forms give the same values (bit-identical for e <= 3); compiling only fuses
+compiled and eager forms give the same values (bit-identical for e <= 16); compiling only fuses
 their passes. Where the compiler is unavailable (no C++ toolchain, unsupported platform) mkopt
 warns once and runs every kernel eagerly, unless compilation was requested explicitly.
 """

@@ -44,7 +44,7 @@ class MKOptimizer(torch.optim.Optimizer):
             deployed mean moves exactly like the baseline's weights (Lemma 4.3). Only for optimizers
             whose step is linear in the gradient (the SGD family); adaptive ones are scale-invariant.
         sampler_compile: compile the probability sampler with ``torch.compile`` (default: on CPU,
-            where it is ~4x faster; a few seconds once). Values are the same either way for e <= 3.
+            where it is ~4x faster; a few seconds once). Values are the same either way for e <= 16.
         params: optional parameter groups over ``model``'s parameters (e.g. no weight decay on
             biases); the Parameter objects survive expansion, so build them before or after. Default
             ``model.parameters()``.

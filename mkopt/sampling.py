@@ -7,9 +7,11 @@ The uniforms come from a counter-based generator: element ``i`` of a buffer at s
 the SplitMix64 output number ``i`` of the stream seeded with ``step_seed(seed, t, buffer)``
 (Steele, Lea & Flood 2014; passes BigCrush). Being a pure function of the element index it
 vectorizes and parallelizes, and ``torch.compile`` fuses hash, spacings and normalization into one
-pass: ~1.7 ms for 1.33 M elements x e=3 on 2 CPU cores, against ~5.5 ms for NumPy's PCG64 and
-~8 ms for torch's serial mt19937. Eager and compiled execution give bit-identical values for e <= 3
-(for e >= 4 the logarithm may differ in the last bit).
+pass: ~2 ms for 1.33 M elements x e=3 on 2 CPU cores, against ~5.5 ms for NumPy's PCG64 and
+~8 ms for torch's serial mt19937. Up to e = 16, Dirichlet(1) comes from the spacings of e - 1 sorted
+uniforms (two float32 uniforms per 64-bit output, no logarithms), so eager and compiled execution
+give bit-identical values; above, from normalized exponentials (the logarithm may then differ in
+the last bit).
 """
 
 from __future__ import annotations
@@ -37,9 +39,12 @@ def step_seed(seed: int, step: int, stream: int = 0) -> int:
     return mixed & ((1 << 63) - 1)  # torch.Generator.manual_seed takes a non-negative int64
 
 
+MAX_SPACINGS_E = 16  # up to here uniform spacings (a sorting network of ~e^2/2 min/max pairs); above, exponentials
+
+
 def uniform_rows(e: int) -> tuple[int, ...]:
-    """Which of the ``e`` rows need a U[0, 1) draw: ``e - 1`` for spacings (e <= 3), else ``e``."""
-    return {1: (), 2: (0,), 3: (0, 2)}.get(e, tuple(range(e)))
+    """Indices of the U[0, 1) draws a Dirichlet(1) column of size ``e`` needs: ``e - 1`` for spacings, ``e`` above 16."""
+    return tuple(range(e - 1)) if e <= MAX_SPACINGS_E else tuple(range(e))
 
 
 def fill_dirichlet_(out: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -260,11 +265,15 @@ def probability_rows(n: int, e: int, key: torch.Tensor, offset: torch.Tensor, co
     index = torch.arange(n, device=key.device, dtype=torch.int64) + offset
     bits = _MANTISSA_BITS[dtype]
     count = len(uniform_rows(e))
-    if count == 2 and bits <= 32:  # e=3, float32: both uniforms from one 64-bit output
-        word = splitmix64(index, key, constants)
-        fields = [_shift_right_logical(word, 64 - bits), _shift_right_logical(word, 32 - bits) & ((1 << bits) - 1)]
-    else:
-        fields = [_shift_right_logical(splitmix64(index * count + r, key, constants), 64 - bits) for r in range(count)]
+    per_word = 2 if bits <= 32 else 1  # float32: two 24-bit uniforms from each 64-bit output
+    words = -(-count // per_word)
+    fields = []
+    for r in range(words):
+        word = splitmix64(index * words + r if words > 1 else index, key, constants)
+        fields.append(_shift_right_logical(word, 64 - bits))
+        if per_word == 2:
+            fields.append(_shift_right_logical(word, 32 - bits) & ((1 << bits) - 1))
+    fields = fields[:count]
     uniforms = [f.to(dtype) * 2.0**-bits for f in fields]
     return dirichlet_from_uniforms(uniforms, e, dtype)
 
@@ -286,21 +295,23 @@ def _counter_fill(out: torch.Tensor, key: torch.Tensor, constants: torch.Tensor,
 def dirichlet_from_uniforms(uniforms: list[torch.Tensor], e: int, dtype: torch.dtype) -> list[torch.Tensor]:
     """The ``e >= 2`` rows of Dirichlet(1) columns from ``len(uniform_rows(e))`` U[0, 1) tensors.
 
-    Uniform spacings for ``e <= 3`` (``e - 1`` uniforms, no logarithms), normalized ``-log U``
-    above. Exact up to the uniforms' resolution; every entry > 0; columns sum to 1 within a rounding.
+    Up to ``e = 16`` the spacings of the ``e - 1`` sorted uniforms (sorted by a network of min/max
+    pairs, elementwise; no logarithms); above, normalized ``-log U``. Exact up to the uniforms'
+    resolution; every entry > 0; columns sum to 1 within a rounding.
 
     Example:
         >>> [round(float(r), 2) for r in dirichlet_from_uniforms([torch.tensor(0.2), torch.tensor(0.7)], 3, torch.float32)]
         [0.2, 0.5, 0.3]
     """
     tiny = torch.finfo(dtype).eps / 4  # lifts u = 0 by a quarter ulp: every p > 0
-    if e == 2:
-        a = uniforms[0].clamp_min(tiny)
-        return [a, 1.0 - a]
-    if e == 3:
-        low = torch.minimum(uniforms[0], uniforms[1]).clamp_min(tiny)
-        high = torch.maximum(uniforms[0], uniforms[1])
-        return [low, (high - low).clamp_min(tiny), 1.0 - high]  # spacings of sorted uniforms
+    if e <= MAX_SPACINGS_E:
+        order = list(uniforms)
+        for sweep in range(len(order) - 1, 0, -1):  # bubble-sort network: compare-exchange neighbours
+            for j in range(sweep):
+                order[j], order[j + 1] = torch.minimum(order[j], order[j + 1]), torch.maximum(order[j], order[j + 1])
+        rows = [order[0].clamp_min(tiny)]
+        rows += [(high - low).clamp_min(tiny) for low, high in zip(order, order[1:])]
+        return rows + [1.0 - order[-1]]  # spacings of the sorted uniforms
     exponentials = [-torch.log(u.clamp_min(tiny)) for u in uniforms]
     total = sum(exponentials[1:], exponentials[0])
     return [x / total for x in exponentials]
