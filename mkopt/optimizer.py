@@ -232,18 +232,20 @@ class MKOptimizer(torch.optim.Optimizer):
         compiled = self.expansion.sampler.compiled
         compiled = device.type == "cpu" if compiled is None else compiled
         with torch.no_grad():
-            if self.probabilities == "adv-mk":
-                sampler.draw(self.mk_step)  # the views now hold this step's Dirichlet draw
-            entropy_total, elements = 0.0, 0
-            for view, grad in zip(sampler.views, grads):
-                step = torch.tensor(self.adversarial_eps * inverse_scale if finite else 0.0, dtype=grad.dtype, device=device)
+            randomize = self.probabilities == "adv-mk"
+            step = torch.tensor(self.adversarial_eps * inverse_scale if finite else 0.0, dtype=grads[0].dtype, device=device)
+            sampler.draw(self.mk_step, fill=False)  # this step's keys: the kernel regenerates B.2's Dirichlet draw
+            for slot, grad in zip(sampler.slots, grads):
+                view = slot.view
                 view.requires_grad_(False)
                 view.grad = None
-                entropy = adversarial.compiled_ascend_(view, grad, step, self.probabilities == "adv-mk", compiled)
-                entropy_total += float(entropy)
-                elements += view.numel() // self.e
+                adversarial.compiled_ascend_(
+                    view, grad, step, slot.step_key, slot.offset_tensor, sampler.constants(device), randomize, compiled
+                )
             torch.autograd.graph.increment_version(sampler.views)
-            self.last_p_entropy = entropy_total / elements
+            numel = [slot.shape.numel() for slot in sampler.slots]
+            entropies = [adversarial.estimated_entropy(slot.view) for slot in sampler.slots]
+            self.last_p_entropy = sum(h * n for h, n in zip(entropies, numel)) / sum(numel)
         self.optimizer.zero_grad(set_to_none=True)
         self._p_uniform = False
         self._phase = "descent"
@@ -290,7 +292,8 @@ class MKOptimizer(torch.optim.Optimizer):
 
         ``spread/<tensor>``: mean over copies of ``||W~[k] - W_mean|| / ||W_mean||``; ``spread``: the
         same over all kernels together; ``p_entropy`` (adversarial modes): mean normalized entropy
-        of the last adversarial ``p`` (1 = uniform); ``collapsed``: 1.0 when the copies have become
+        of the last adversarial ``p`` (1 = uniform; estimated on at most 8192 evenly strided elements
+        per tensor, weighted by tensor size); ``collapsed``: 1.0 when the copies have become
         indistinguishable (spread below ``collapse_threshold`` after step 0), which also warns:
         MK then trains like a single model with a reduced learning rate (Lemma 4.3).
         """

@@ -191,15 +191,18 @@ class DirichletSampler:
             self.slots.append(slot)
         self._pending.clear()
 
-    def draw(self, step: int) -> None:
-        """Fill every buffer (or set every key) with the probabilities of step ``step`` (deterministic)."""
+    def draw(self, step: int, fill: bool = True) -> None:
+        """Fill every buffer (or set every key) with the probabilities of step ``step`` (deterministic).
+
+        ``fill=False`` only sets the keys, for a kernel that regenerates the draw itself (Adv-MK's ascent).
+        """
         if self._pending:
             self._materialize()
         for stream, key in enumerate(self._sizes):
             seed = step_seed(self.seed, step, stream)
             # a new tensor each step: a graph built at step t keeps step t's key for its backward
             self.keys[key] = torch.tensor(seed, dtype=torch.int64, device=key.device)
-            if not self.regenerate:
+            if fill and not self.regenerate:
                 counter_dirichlet_(self.buffers[key], self.keys[key], compiled=self.compiled)
         self._drawn(step)
 

@@ -245,19 +245,24 @@ def test_bad_inputs():
 @pytest.mark.parametrize("randomize", [False, True], ids=["B.1", "B.2"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_fused_ascent_equals_the_reference_functions(e, randomize, compiled):
-    """The per-copy (row) kernel computes exactly the documented composition, including clamped-to-0 entries."""
-    from mkopt.adversarial import compiled_ascend_, normalized_entropy
-    from mkopt.sampling import fill_dirichlet_
+    """The per-copy kernel computes exactly the documented composition, including entries clamped to 0;
+    B.2's random draw is the stream's own columns (what the sampler would have written)."""
+    from mkopt.adversarial import compiled_ascend_, estimated_entropy, normalized_entropy
+    from mkopt.sampling import counter_dirichlet_, splitmix64_constants
 
     g = torch.Generator().manual_seed(e)
     grad = torch.randn(e, 4, 300, generator=g, dtype=torch.float64)
     grad[:, 0, :5] = 0.0  # elements left at uniform
-    p = fill_dirichlet_(torch.empty(e, 1200, dtype=torch.float64), g).view(e, 4, 300)
+    key, offset = torch.tensor(99), torch.tensor(1000)
+    drawn = counter_dirichlet_(torch.empty(e, 1200, dtype=torch.float64), key=99, offset=1000, compiled=False).view(e, 4, 300)
     step = torch.tensor(2.0, dtype=torch.float64)  # large enough that some entries clamp at 0
     expected = adversarial_probabilities(grad * step, 1.0)
     assert bool((expected == 0).any())
     if randomize:
-        expected = mix_with_random(expected, p)
-    entropy = compiled_ascend_(p, grad, step, randomize, compiled)
+        expected = mix_with_random(expected, drawn)
+    p = torch.full((e, 4, 300), float("nan"), dtype=torch.float64)  # the kernel must not read p
+    compiled_ascend_(p, grad, step, key, offset, splitmix64_constants(), randomize, compiled)
     torch.testing.assert_close(p, expected, rtol=1e-12, atol=1e-15)
-    torch.testing.assert_close(float(entropy) / 1200, float(normalized_entropy(expected)), rtol=1e-9, atol=1e-12)
+    assert estimated_entropy(p, columns=10**6) == pytest.approx(float(normalized_entropy(expected)), rel=1e-12)
+    per_element = 1 - divergence_from_uniform(expected).flatten()  # a 300-column subsample: within 5 standard errors
+    assert abs(estimated_entropy(p, columns=300) - float(per_element.mean())) < 5 * float(per_element.std()) / 300**0.5
