@@ -29,6 +29,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Empty
 
 import torch
 import torch.nn.functional as F
@@ -169,7 +170,13 @@ def time_ratio_in_child(config: Config, device: str, blocks: int, steps: int, re
     queue = ctx.Queue()
     proc = ctx.Process(target=_child_time, args=(config, device, blocks, steps, retain, queue))
     proc.start()
-    result = queue.get()
+    while True:  # a child that dies (out of memory, a crash) must not leave the bench waiting forever
+        try:
+            result = queue.get(timeout=5)
+            break
+        except Empty:
+            if not proc.is_alive():
+                raise RuntimeError(f"timing child for {config} exited with code {proc.exitcode} without a result") from None
     proc.join()
     return result
 

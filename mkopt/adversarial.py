@@ -136,7 +136,7 @@ def estimated_entropy(p: torch.Tensor, columns: int = 8192) -> float:
         1.0
     """
     flat = p.reshape(p.shape[0], -1)
-    stride = max(1, flat.shape[1] // columns)
+    stride = -(-flat.shape[1] // columns)  # ceiling: at most ``columns`` elements
     return float(normalized_entropy(flat[:, ::stride]))
 
 
@@ -155,6 +155,6 @@ def _row_divergence(rows: list[torch.Tensor]) -> torch.Tensor:
 
 
 def compiled_ascend_(p: torch.Tensor, grad_p: torch.Tensor, step: torch.Tensor, key: torch.Tensor, offset: torch.Tensor,
-                     constants: torch.Tensor, randomize: bool, compiled: bool) -> None:  # fmt: skip
+                     constants: torch.Tensor, randomize: bool, compiled: bool, required: bool = False) -> None:  # fmt: skip
     """:func:`ascend_`, through ``torch.compile`` when ``compiled`` (one fused pass instead of ~15)."""
-    run_kernel(ascend_, p, grad_p, step, key, offset, constants, randomize, compiled=compiled)
+    run_kernel(ascend_, p, grad_p, step, key, offset, constants, randomize, compiled=compiled, required=required)

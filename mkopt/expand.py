@@ -18,6 +18,7 @@ from torch.nn.utils import parametrize
 
 from .parametrization import MajorityKernel
 from .compiled import compile_by_default
+from .fused import fused_kernels_compile
 from .sampling import DirichletSampler, step_seed
 from .targets import TargetSpec, TargetTensor, select_targets
 
@@ -201,6 +202,8 @@ def expand(
             )
     original_keys = list(model.state_dict().keys())
     regenerate = not keep_p_buffer and all(compile_by_default(t.param.device, sampler_compile) for t in chosen)
+    if regenerate:  # eager regeneration would hash twice per step: without a compiler, buffer p instead
+        regenerate = fused_kernels_compile(e, chosen[0].param, required=sampler_compile is True)
     sampler = DirichletSampler(e, seed, compiled=sampler_compile, regenerate=regenerate)
     parameter_orders: dict[str, list[str]] = {}
     views = [sampler.allocate(t.param.device, t.param.dtype, t.param.shape) for t in chosen]

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from .compiled import run_kernel
-from .sampling import probability_rows
+from .compiled import compiler_failed, run_kernel
+from .sampling import probability_dtype, probability_rows, splitmix64_constants
 
 
 def _mix(stacked: torch.Tensor, key: torch.Tensor, offset: torch.Tensor, constants: torch.Tensor, p_dtype: torch.dtype) -> torch.Tensor:
@@ -38,35 +38,38 @@ def _spread(grad: torch.Tensor, key: torch.Tensor, offset: torch.Tensor, constan
 class _MixRegenerated(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, stacked: torch.Tensor, key: torch.Tensor, offset: torch.Tensor, constants: torch.Tensor,
-                p_dtype: torch.dtype, grad_scale: float, compiled: bool) -> torch.Tensor:  # fmt: skip
-        ctx.saved = (key, offset, constants, p_dtype, grad_scale, compiled)
+                p_dtype: torch.dtype, grad_scale: float, compiled: bool, required: bool) -> torch.Tensor:  # fmt: skip
+        ctx.saved = (key, offset, constants, p_dtype, grad_scale, compiled, required)
         ctx.stack_shape = stacked.shape
         e, shape = stacked.shape[0], stacked.shape[1:]
         if e == 1:
             return stacked[0].clone()
-        out = run_kernel(_mix, stacked.reshape(e, -1), key, offset, constants, p_dtype, compiled=compiled)
+        out = run_kernel(_mix, stacked.reshape(e, -1), key, offset, constants, p_dtype, compiled=compiled, required=required)
         return out.view(shape)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        key, offset, constants, p_dtype, grad_scale, compiled = ctx.saved
+        key, offset, constants, p_dtype, grad_scale, compiled, required = ctx.saved
         e = ctx.stack_shape[0]
         if not ctx.needs_input_grad[0]:
-            return (None,) * 7
+            return (None,) * 8
         if e == 1:
             grad_stacked = grad.unsqueeze(0).contiguous()
             grad_stacked = grad_stacked * grad_scale if grad_scale != 1.0 else grad_stacked.clone()
         else:
-            flat = run_kernel(_spread, grad.reshape(-1), key, offset, constants, e, p_dtype, grad_scale, compiled=compiled)
+            flat = run_kernel(
+                _spread, grad.reshape(-1), key, offset, constants, e, p_dtype, grad_scale, compiled=compiled, required=required
+            )
             grad_stacked = flat.view(ctx.stack_shape)  # contiguous like the stack, as AccumulateGrad and DDP want
-        return grad_stacked, None, None, None, None, None, None
+        return grad_stacked, None, None, None, None, None, None, None
 
 
 def mix_regenerated(stacked: torch.Tensor, key: torch.Tensor, offset: torch.Tensor, constants: torch.Tensor,
-                    p_dtype: torch.dtype, grad_scale: float = 1.0, compiled: bool = True) -> torch.Tensor:  # fmt: skip
+                    p_dtype: torch.dtype, grad_scale: float = 1.0, compiled: bool = True, required: bool = False) -> torch.Tensor:  # fmt: skip
     """``sum_k p[k] * stacked[k]`` with ``p`` = stream ``key``'s columns from ``offset`` on, never stored.
 
     Differentiable in ``stacked`` (its gradient is ``p[k] * dL/dW``, times ``grad_scale``).
+    ``compiled``/``required``: see :func:`mkopt.compiled.run_kernel`.
 
     Example:
         >>> from mkopt.sampling import counter_dirichlet_, splitmix64_constants
@@ -76,4 +79,21 @@ def mix_regenerated(stacked: torch.Tensor, key: torch.Tensor, offset: torch.Tens
         >>> torch.allclose(w, (p * stacked).sum(0))
         True
     """
-    return _MixRegenerated.apply(stacked, key, offset, constants, p_dtype, grad_scale, compiled)
+    return _MixRegenerated.apply(stacked, key, offset, constants, p_dtype, grad_scale, compiled, required)
+
+
+def fused_kernels_compile(e: int, like: torch.Tensor, required: bool = False) -> bool:
+    """Compile the forward kernel for ``e`` copies of tensors like ``like`` now; whether compiling works here.
+
+    Example:
+        >>> fused_kernels_compile(1, torch.zeros(2))  # e = 1 needs no kernel
+        True
+    """
+    if e == 1:
+        return not compiler_failed()
+    device = like.device
+    with torch.no_grad():  # as inside the autograd function's forward: the same compiled variant
+        stacked = torch.zeros(e, 2, dtype=like.dtype, device=device)
+        zero = torch.zeros((), dtype=torch.int64, device=device)
+        run_kernel(_mix, stacked, zero, zero, splitmix64_constants(device), probability_dtype(like.dtype), compiled=True, required=required)
+    return not compiler_failed()

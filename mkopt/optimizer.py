@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -16,7 +17,7 @@ from .diagnostics import copy_spread
 from .expand import Expansion, Init, expand
 from .targets import TargetSpec
 
-_STATE_VERSION = 2
+_STATE_VERSION = 3  # 3: Dirichlet draws for 4 <= e <= 16 by uniform spacings (e <= 3 unchanged)
 
 
 class MKOptimizer(torch.optim.Optimizer):
@@ -227,21 +228,23 @@ class MKOptimizer(torch.optim.Optimizer):
             inverse_scale = 1.0 / float(scaler.get_scale())
         # one reduction: the sum is finite iff every entry is (an overflowing sum only skips the ascent,
         # the safe side; summing in float64 instead cost a cast pass over every dL/dp)
-        finite = bool(torch.isfinite(torch.stack([g.sum() for g in grads]).sum()))
-        device = grads[0].device
-        compiled = self.expansion.sampler.compiled
-        compiled = device.type == "cpu" if compiled is None else compiled
+        sums: dict[torch.device, list[torch.Tensor]] = {}
+        for g in grads:  # one synchronization per device
+            sums.setdefault(g.device, []).append(g.sum())
+        finite = all(bool(torch.isfinite(torch.stack(s).sum())) for s in sums.values())
         with torch.no_grad():
             randomize = self.probabilities == "adv-mk"
-            step = torch.tensor(self.adversarial_eps * inverse_scale if finite else 0.0, dtype=grads[0].dtype, device=device)
+            eps = self.adversarial_eps * inverse_scale if finite else 0.0
             sampler.draw(self.mk_step, fill=False)  # this step's keys: the kernel regenerates B.2's Dirichlet draw
             for slot, grad in zip(sampler.slots, grads):
                 view = slot.view
                 view.requires_grad_(False)
                 view.grad = None
+                step = torch.tensor(eps, dtype=grad.dtype, device=slot.device)
                 adversarial.compiled_ascend_(
-                    view, grad, step, slot.step_key, slot.offset_tensor, sampler.constants(device), randomize, compiled
-                )
+                    view, grad, step, slot.step_key, slot.offset_tensor, sampler.constants(slot.device), randomize,
+                    sampler.compile_kernels(slot.device), required=sampler.compiled is True,
+                )  # fmt: skip
             torch.autograd.graph.increment_version(sampler.views)
             numel = [slot.shape.numel() for slot in sampler.slots]
             entropies = [adversarial.estimated_entropy(slot.view) for slot in sampler.slots]
@@ -328,6 +331,15 @@ class MKOptimizer(torch.optim.Optimizer):
         if saved_mode != self.probabilities:
             raise ValueError(
                 f"state_dict was saved with probabilities={saved_mode!r} but this MKOptimizer uses {self.probabilities!r}"
+            )
+        if mk.get("version", 1) < 3 and 4 <= self.e <= 16 and self.probabilities in ("dirichlet", "adv-mk"):
+            warnings.warn(
+                f"this state_dict was saved by mkopt state version {mk.get('version', 1)}, whose Dirichlet draws for "
+                f"e={self.e} differ from this version's (uniform spacings since version 3): the run continues with "
+                "equally distributed but different p, not bit-identically. Resume with the mkopt commit that saved it "
+                "for an exact continuation.",
+                RuntimeWarning,
+                stacklevel=2,
             )
         self.optimizer.load_state_dict(state_dict["optimizer"])
         # Optimizer.load_state_dict replaces param_groups and state: share the new objects again.

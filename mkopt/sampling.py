@@ -77,7 +77,7 @@ def probability_dtype(param_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if param_dtype == torch.float64 else torch.float32
 
 
-@dataclass
+@dataclass(eq=False, repr=False)  # identity semantics: slots hold tensors
 class ProbabilitySlot:
     """Where one target tensor's ``p`` lives: columns ``offset .. offset + numel`` of a stream.
 
@@ -95,6 +95,9 @@ class ProbabilitySlot:
     @property
     def device(self) -> torch.device:
         return self.key.device
+
+    def __repr__(self) -> str:
+        return f"ProbabilitySlot(shape={tuple(self.shape)}, offset={self.offset}, device={self.key.device}, dtype={self.key.dtype})"
 
     @property
     def step_key(self) -> torch.Tensor:
@@ -312,8 +315,8 @@ def dirichlet_from_uniforms(uniforms: list[torch.Tensor], e: int, dtype: torch.d
         for sweep in range(len(order) - 1, 0, -1):  # bubble-sort network: compare-exchange neighbours
             for j in range(sweep):
                 order[j], order[j + 1] = torch.minimum(order[j], order[j + 1]), torch.maximum(order[j], order[j + 1])
-        rows = [order[0].clamp_min(tiny)]
-        rows += [(high - low).clamp_min(tiny) for low, high in zip(order, order[1:])]
+        order[0] = order[0].clamp_min(tiny)  # clamped before differencing: the e = 2, 3 streams of version 2
+        rows = [order[0]] + [(high - low).clamp_min(tiny) for low, high in zip(order, order[1:])]
         return rows + [1.0 - order[-1]]  # spacings of the sorted uniforms
     exponentials = [-torch.log(u.clamp_min(tiny)) for u in uniforms]
     total = sum(exponentials[1:], exponentials[0])

@@ -115,3 +115,20 @@ def test_torch_compile_trains_an_expanded_model():
         ref_opt.step()
     for a, b in zip(reference.parameters(), model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_resuming_a_version_2_state_warns_where_the_stream_changed():
+    for e, warns in ((4, True), (3, False)):
+        model, opt, x, y = setup(e=e)
+        state = opt.state_dict()
+        state["mkopt"]["version"] = 2
+        again_model, again, _, _ = setup(e=e)
+        if warns:
+            with pytest.warns(RuntimeWarning, match="not bit-identically"):
+                again.load_state_dict(state)
+        else:
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                again.load_state_dict(state)

@@ -144,3 +144,20 @@ def test_regenerated_slots_equal_the_buffer_columns(e):
         regenerated.views
     with pytest.raises(RuntimeError, match="buffer mode"):
         regenerated.fill_uniform(0)
+
+
+# Columns 0, 1 and 999 of stream key 12345, as mkopt's version-2 generator (commit d2430c0) drew them.
+VERSION_2_COLUMNS = {
+    (2, torch.float32): [[0.1330796480178833, 0.8669203519821167], [0.20481657981872559, 0.7951834201812744], [0.6042460203170776, 0.39575397968292236]],
+    (2, torch.float64): [[0.1330796686614273, 0.8669203313385727], [0.20481663336165912, 0.7951833666383409], [0.6042460566410242, 0.39575394335897585]],
+    (3, torch.float32): [[0.1330796480178833, 0.5302667021751404, 0.3366536498069763], [0.20481657981872559, 0.7603318691253662, 0.0348515510559082], [0.010162532329559326, 0.5940834879875183, 0.39575397968292236]],
+    (3, torch.float64): [[0.1330796686614273, 0.07173696470023183, 0.7951833666383409], [0.11954258300911547, 0.05657522423584571, 0.8238821927550388], [0.478846598428861, 0.3709733896362434, 0.1501800119348956]],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("e,dtype", list(VERSION_2_COLUMNS))
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_e2_and_e3_streams_are_those_of_version_2(e, dtype, compiled):
+    """Checkpoints of earlier runs resume bit-identically for e <= 3 (only e >= 4 changed in version 3)."""
+    p = counter_dirichlet_(torch.empty(e, 1000, dtype=dtype), key=12345, compiled=compiled)
+    assert p[:, [0, 1, 999]].T.tolist() == VERSION_2_COLUMNS[(e, dtype)]

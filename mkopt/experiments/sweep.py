@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,10 @@ def execute(job: tuple[RunSpec, str, RunSpec | None]) -> dict[str, Any]:
     spec, root, teacher_spec = job
     torch.set_num_threads(int(os.environ.get("MKOPT_THREADS", torch.get_num_threads())))
     if platform.libc_ver()[0] == "glibc":  # CPU training: reuse freed blocks instead of faulting them in every step
-        retain_freed_memory()
+        try:
+            retain_freed_memory()
+        except RuntimeError as error:  # an older glibc caps the thresholds lower: speed only, so train anyway
+            warnings.warn(f"{error}; training with glibc's default allocator (slower, same results)", RuntimeWarning, stacklevel=2)
     fit, val, test, inputs, classes = load_dataset(spec.dataset)
     teacher = trained_teacher(teacher_spec, root) if spec.method == "distilled" else None
     trainee = methods.build(spec, inputs, classes, teacher)
