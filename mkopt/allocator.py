@@ -31,7 +31,7 @@ def retain_freed_memory(limit_bytes: int = 2**30) -> None:
     platform without glibc (macOS, musl): there, preload jemalloc or tcmalloc instead.
 
     Example:
-        >>> retain_freed_memory()  # doctest: +SKIP
+        >>> retain_freed_memory()  # process-wide; returns nothing
     """
     if isinstance(limit_bytes, bool) or not isinstance(limit_bytes, int) or not 0 < limit_bytes <= _MAX_INT:
         raise ValueError(f"limit_bytes={limit_bytes!r} must be an int in 1 .. {_MAX_INT} (glibc's mallopt takes a C int)")
