@@ -27,7 +27,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from queue import Empty
 
@@ -49,6 +49,7 @@ class Config:
     batch: int
     e: int = 3
     mode: str = "dirichlet"
+    compiled: bool = False  # time torch.compile(model) (baseline, floor and MK alike)
 
 
 def small_cnn() -> nn.Module:
@@ -119,7 +120,7 @@ def setup(config: Config, variant: str | bool, device: str):
         opt = build_optimizer(config.optimizer, model, config.e if variant == "mk" else None, config.mode)
     x = torch.randn(config.batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (config.batch,), device=device)
-    return model, opt, x, y
+    return (torch.compile(model) if config.compiled else model), opt, x, y
 
 
 def train_step(model, opt, x, y) -> None:
@@ -251,7 +252,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="only the [400,200,100] MLP with Adam")
-    parser.add_argument("--only", help="only configurations whose name, optimizer or p contains this text")
+    parser.add_argument("--only", action="append", help="only configurations whose 'name optimizer p' contains this text (repeatable: any)")
+    parser.add_argument("--compiled-model", action="store_true", help="wrap every model in torch.compile (baseline, floor and MK alike)")
     parser.add_argument("--blocks", type=int, default=7)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--no-memory", action="store_true")
@@ -275,7 +277,9 @@ def main() -> None:
     ]
     print("\n".join(header), flush=True)
     rows = []
-    chosen = [c for c in configs(args.quick) if not args.only or args.only in f"{c.name} {c.optimizer} {c.mode}"]
+    chosen = [c for c in configs(args.quick) if not args.only or any(o in f"{c.name} {c.optimizer} {c.mode}" for o in args.only)]
+    if args.compiled_model:
+        chosen = [replace(c, name=f"{c.name} (torch.compile)", compiled=True) for c in chosen if c.mode == "dirichlet"]
     for config in chosen:
         if args.device == "cuda":  # the CUDA caching allocator already keeps freed blocks: one column set
             timings = [time_ratio(config, args.device, args.blocks, args.steps)]
