@@ -40,10 +40,7 @@ def normalize_simplex(q: torch.Tensor) -> torch.Tensor:
         >>> normalize_simplex(torch.tensor([[0.5, -1.0], [1.5, -2.0]])).T.tolist()
         [[0.25, 0.75], [0.5, 0.5]]
     """
-    e = q.shape[0]
-    clamped = q.clamp_min(0)
-    total = clamped.sum(0, keepdim=True)
-    return torch.where(total > 0, clamped / total.clamp_min(torch.finfo(q.dtype).tiny), torch.full_like(clamped, 1 / e))
+    return torch.stack(_normalized_rows(list(q)))
 
 
 def adversarial_probabilities(grad_p: torch.Tensor, eps: float) -> torch.Tensor:
@@ -64,11 +61,7 @@ def divergence_from_uniform(p: torch.Tensor) -> torch.Tensor:
         >>> divergence_from_uniform(torch.tensor([[0.5, 1.0], [0.5, 0.0]])).tolist()
         [0.0, 1.0]
     """
-    e = p.shape[0]
-    if e == 1:
-        return torch.zeros_like(p[0])
-    kl = torch.xlogy(p, p).sum(0) + math.log(e)  # sum_k p_k log(p_k e)
-    return (kl / math.log(e)).clamp(0.0, 1.0)
+    return _row_divergence(list(p))
 
 
 def mix_with_random(p_adversarial: torch.Tensor, p_random: torch.Tensor) -> torch.Tensor:
@@ -111,13 +104,10 @@ def ascend_(p: torch.Tensor, grad_p: torch.Tensor, step: torch.Tensor, key: torc
     """
     e = p.shape[0]
     flat, grad = p.reshape(e, -1), grad_p.reshape(e, -1)
-    clamped = [(grad[k] * step + 1 / e).clamp_min(0) for k in range(e)]  # normalize_simplex(grad_p * step + 1/e)
-    total = _row_sum(clamped)
-    tiny = torch.finfo(p.dtype).tiny
-    new = [torch.where(total > 0, c / total.clamp_min(tiny), 1 / e) for c in clamped]
+    new = _normalized_rows([grad[k] * step + 1 / e for k in range(e)])  # adversarial_probabilities(grad_p * step, 1)
     if randomize:  # mix_with_random with this step's Dirichlet draw
         u = _row_divergence(new)
-        drawn = probability_rows(flat.shape[1], e, key, offset, constants, p.dtype) if e > 1 else [torch.ones_like(total)]
+        drawn = probability_rows(flat.shape[1], e, key, offset, constants, p.dtype) if e > 1 else [torch.ones_like(u)]
         new = [u * a + (1 - u) * r for a, r in zip(new, drawn)]
     if torch.compiler.is_compiling():
         flat.copy_(torch.stack(new))  # one loop with e stores
@@ -140,8 +130,19 @@ def estimated_entropy(p: torch.Tensor, columns: int = 8192) -> float:
     return float(normalized_entropy(flat[:, ::stride]))
 
 
+# The math above, per copy: lists of [n] rows instead of [e, n] tensors, so that inductor emits one
+# elementwise loop (reductions over dim 0 compiled to a loop per sum). The reference functions and the
+# fused ascent share these, so they cannot drift apart.
 def _row_sum(rows: list[torch.Tensor]) -> torch.Tensor:
     return sum(rows[1:], rows[0])
+
+
+def _normalized_rows(rows: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Clamp at 0, divide by the sum over copies; an element whose entries all clamp to 0 becomes uniform."""
+    clamped = [r.clamp_min(0) for r in rows]
+    total = _row_sum(clamped)
+    tiny = torch.finfo(total.dtype).tiny
+    return [torch.where(total > 0, c / total.clamp_min(tiny), 1 / len(rows)) for c in clamped]
 
 
 def _row_divergence(rows: list[torch.Tensor]) -> torch.Tensor:

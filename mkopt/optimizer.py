@@ -243,7 +243,7 @@ class MKOptimizer(torch.optim.Optimizer):
                 step = torch.tensor(eps, dtype=grad.dtype, device=slot.device)
                 adversarial.compiled_ascend_(
                     view, grad, step, slot.step_key, slot.offset_tensor, sampler.constants(slot.device), randomize,
-                    sampler.compile_kernels(slot.device), required=sampler.compiled is True,
+                    sampler.compile_kernels(slot.device), required=sampler.compile_required,
                 )  # fmt: skip
             torch.autograd.graph.increment_version(sampler.views)
             numel = [slot.shape.numel() for slot in sampler.slots]

@@ -151,6 +151,11 @@ class DirichletSampler:
         """Whether the kernels for tensors on ``device`` run compiled (see :mod:`mkopt.compiled`)."""
         return compile_by_default(device, self.compiled)
 
+    @property
+    def compile_required(self) -> bool:
+        """``sampler_compile=True`` was asked for: a compilation error is raised, never worked around."""
+        return self.compiled is True
+
     def constants(self, device: torch.device) -> torch.Tensor:
         """SplitMix64's constants on ``device``, made once."""
         if device not in self._constants:
