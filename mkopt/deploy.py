@@ -38,10 +38,12 @@ def collapse(model: nn.Module) -> nn.Module:
     """
     expansion = expansion_of(model)
     with torch.no_grad():
-        for target in expansion.targets:
+        for index, target in enumerate(expansion.targets):
             param = target.param
             param.set_(mean_of_copies(param.detach()).contiguous())
             param.grad = None  # a [e, ...] gradient would not fit the plain tensor
+            if index < len(expansion.requires_grad):  # the fused path froze the copies: trainable again
+                param.requires_grad_(expansion.requires_grad[index])
     for target in expansion.targets:
         for owner in target.owners:
             _own_parametrized_class(owner.module)

@@ -46,6 +46,7 @@ class Expansion:
     store: TensorDict
     original_keys: list[str]  # the plain model's state_dict keys, in order
     parameter_orders: dict[str, list[str]] = field(default_factory=dict)  # module path -> _parameters order
+    requires_grad: list[bool] = field(default_factory=list)  # each target's flag before expansion (the fused path clears it)
 
 
 def expansion_of(model: nn.Module) -> Expansion:
@@ -163,6 +164,7 @@ def expand(
     seed: int = 0,
     sampler_compile: bool | None = None,
     keep_p_buffer: bool = False,
+    regenerate_p: bool | None = None,
 ) -> Expansion:
     """Turn every target tensor of ``model`` into ``e`` majority-kernel copies, in place.
 
@@ -173,7 +175,8 @@ def expand(
     ``sampler_compile``: see :func:`mkopt.sampling.counter_dirichlet_` (``None``: compile on CPU).
     Where the kernels are compiled, ``p`` is regenerated inside them and never stored
     (:mod:`mkopt.fused`); ``keep_p_buffer=True`` stores it in flat buffers instead, as the
-    adversarial modes need (their ``p`` comes from gradients).
+    adversarial modes need (their ``p`` comes from gradients). ``regenerate_p=True`` skips that
+    choice (the fused path's native kernels regenerate ``p`` themselves).
 
     Most users call :class:`mkopt.MKOptimizer`, which expands and builds the optimizer.
 
@@ -201,9 +204,12 @@ def expand(
                 "call model.zero_grad(set_to_none=True) before building MKOptimizer"
             )
     original_keys = list(model.state_dict().keys())
-    regenerate = not keep_p_buffer and all(compile_by_default(t.param.device, sampler_compile) for t in chosen)
-    if regenerate:  # eager regeneration would hash twice per step: without a compiler, buffer p instead
-        regenerate = fused_kernels_compile(e, chosen[0].param, required=sampler_compile is True)
+    if regenerate_p is not None:
+        regenerate = regenerate_p
+    else:
+        regenerate = not keep_p_buffer and all(compile_by_default(t.param.device, sampler_compile) for t in chosen)
+        if regenerate:  # eager regeneration would hash twice per step: without a compiler, buffer p instead
+            regenerate = fused_kernels_compile(e, chosen[0].param, required=sampler_compile is True)
     sampler = DirichletSampler(e, seed, compiled=sampler_compile, regenerate=regenerate)
     parameter_orders: dict[str, list[str]] = {}
     views = [sampler.allocate(t.param.device, t.param.dtype, t.param.shape) for t in chosen]
@@ -224,6 +230,7 @@ def expand(
     store = TensorDict({}, batch_size=[e])
     for target in chosen:
         store[tuple(target.name.split("."))] = target.param
-    expansion = Expansion(e, init, seed, chosen, sampler, store, original_keys, parameter_orders)
+    requires_grad = [t.param.requires_grad for t in chosen]
+    expansion = Expansion(e, init, seed, chosen, sampler, store, original_keys, parameter_orders, requires_grad)
     object.__setattr__(model, _EXPANSION_ATTR, expansion)
     return expansion

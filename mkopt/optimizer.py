@@ -5,17 +5,21 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import adversarial
+from . import adversarial, native
 from .deploy import collapse
 from .diagnostics import copy_spread
 from .expand import Expansion, Init, expand
-from .targets import TargetSpec
+from .fused_step import FusedUpdate, attach_proxies, detach_proxies, fused_path_blocker
+from .targets import TargetSpec, select_targets
+
+PATHS: tuple[str, ...] = ("auto", "fused", "generic")
 
 _STATE_VERSION = 3  # 3: Dirichlet draws for 4 <= e <= 16 by uniform spacings (e <= 3 unchanged)
 
@@ -49,6 +53,16 @@ class MKOptimizer(torch.optim.Optimizer):
         params: optional parameter groups over ``model``'s parameters (e.g. no weight decay on
             biases); the Parameter objects survive expansion, so build them before or after. Default
             ``model.parameters()``.
+        path: ``"auto"`` (default), ``"fused"`` or ``"generic"``. The fused path (exactly
+            ``torch.optim.SGD``, ``Adam``, ``AdamW``; Dirichlet or uniform ``p``; CPU; float32,
+            float64 or bfloat16) keeps MK inside the optimizer: the model reads one N-sized weight per
+            kernel, its gradient is N-sized, and one native pass per step updates the copies and
+            their optimizer state and writes the next weight (:mod:`mkopt.fused_step`). The generic
+            path works with any optimizer: the copies take gradients ``p_k * dL/dW`` and the wrapped
+            optimizer steps them. ``"auto"`` takes the fused path where it can run; asking for
+            ``"fused"`` where it cannot raises and says why. :attr:`path` says which one runs; both
+            compute the same training (the same ``p``, the same updates up to rounding) and a
+            checkpoint of one loads into the other.
         **optimizer_kwargs: passed to ``optimizer_cls``.
 
     Example:
@@ -78,9 +92,12 @@ class MKOptimizer(torch.optim.Optimizer):
         lr_compensation: bool = False,
         sampler_compile: bool | None = None,
         params: Iterable[Any] | None = None,
+        path: str = "auto",
         **optimizer_kwargs: Any,
     ) -> None:
         _check_optimizer_cls(optimizer_cls)
+        if path not in PATHS:
+            raise ValueError(f"path={path!r} is unknown: use one of {PATHS}")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
@@ -105,15 +122,30 @@ class MKOptimizer(torch.optim.Optimizer):
         self.probabilities = probabilities
         self.adversarial_eps = float(adversarial_eps)
         self.lr_compensation = bool(lr_compensation)
+        self.path = _choose_path(path, optimizer_cls, probabilities, model, targets, e, optimizer_kwargs)
+        fused = self.path == "fused"
         self.expansion: Expansion = expand(
             model, e, targets=targets, init=init, seed=seed, sampler_compile=sampler_compile,
             keep_p_buffer=probabilities != "dirichlet",  # uniform and adversarial p are not a stream
+            regenerate_p=True if fused else None,  # the native kernels regenerate p themselves
         )  # fmt: skip
         if lr_compensation:
             for module in model.modules():
                 if hasattr(module, "grad_scale") and hasattr(module, "tied"):
                     module.grad_scale = float(self.expansion.e)
-        self.optimizer = optimizer_cls(model.parameters() if params is None else params, **optimizer_kwargs)
+        groups = model.parameters() if params is None else params
+        self._fused: FusedUpdate | None = None
+        if fused:
+            self.expansion.sampler.uniform = probabilities == "uniform"
+            kernels = attach_proxies(self.expansion)
+            groups = _with_proxies(groups, {id(k.copies): k.proxy for k in kernels}, {id(k.proxy) for k in kernels})
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+            self._fused = FusedUpdate(self.expansion, kernels, self.optimizer, uniform=probabilities == "uniform")
+            # the proxies are a function of the copies: loading the model's state_dict rewrites them
+            this = weakref.ref(self)
+            model.register_load_state_dict_post_hook(lambda module, keys: _rewrite_weights(this))
+        else:
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         # Share, never copy: schedulers, clipping and GradScaler read and write these objects.
         super().__init__(self.optimizer.param_groups, self.optimizer.defaults)
         self.param_groups = self.optimizer.param_groups
@@ -146,6 +178,20 @@ class MKOptimizer(torch.optim.Optimizer):
     def adversarial(self) -> bool:
         return self.probabilities in adversarial.ADVERSARIAL_MODES
 
+    def trained_parameters(self) -> int:
+        """How many values are trained: ``e`` copies of every kernel plus every other parameter.
+
+        The fused path's proxies are not counted: they are a function of the copies.
+
+        Example:
+            >>> import torch, mkopt
+            >>> opt = mkopt.MKOptimizer(torch.optim.SGD, torch.nn.Linear(4, 2), e=3, lr=0.1)
+            >>> opt.trained_parameters() == 3 * 8 + 2
+            True
+        """
+        proxies = set() if self._fused is None else {id(k.proxy) for k in self._fused.kernels}
+        return sum(p.numel() for p in self.model.parameters() if id(p) not in proxies)
+
     # -- the step ---------------------------------------------------------------------------
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Step the wrapped optimizer, then prepare the next step's probabilities.
@@ -163,6 +209,10 @@ class MKOptimizer(torch.optim.Optimizer):
                 f"probabilities={self.probabilities!r} takes two passes per step: call opt.step(closure), or run the "
                 "probe forward/backward, then opt.ascend_probabilities(), then the forward/backward to descend, then opt.step()"
             )
+        if self._fused is not None:
+            loss = self._fused.step(self.mk_step, closure)  # also writes the next step's weights
+            self.expansion.sampler.draw(self.mk_step + 1)  # keys only: no p is stored on this path
+            return loss
         loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
         self._prepare(self.mk_step + 1)
         return loss
@@ -262,7 +312,10 @@ class MKOptimizer(torch.optim.Optimizer):
     def _prepare(self, step: int) -> None:
         """Probabilities for step ``step``: drawn, uniform, or armed for the adversarial probe."""
         sampler = self.expansion.sampler
-        if self.probabilities == "dirichlet":
+        if self._fused is not None:
+            sampler.draw(step)  # keys only
+            self._fused.write_weights(step)
+        elif self.probabilities == "dirichlet":
             sampler.draw(step)
         elif self.probabilities == "uniform":
             sampler.fill_uniform(step)
@@ -286,6 +339,8 @@ class MKOptimizer(torch.optim.Optimizer):
         if not self.expansion.sampler.regenerate:  # adversarial modes: p may still require grad
             for view in self.expansion.sampler.views:
                 view.requires_grad_(False)
+        if self._fused is not None:
+            detach_proxies(self.expansion)
         collapse(self.model)
         self._collapsed = True
         return self.model
@@ -314,6 +369,7 @@ class MKOptimizer(torch.optim.Optimizer):
                 "probabilities": self.probabilities,
                 "adversarial_eps": self.adversarial_eps,
                 "lr_compensation": self.lr_compensation,
+                "path": self.path,  # informative: either path loads the other's state
             },
         }
 
@@ -358,9 +414,69 @@ class MKOptimizer(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return (
-            f"MKOptimizer(e={self.e}, probabilities={self.probabilities!r}, seed={self.expansion.seed}, "
-            f"step={self.mk_step}, optimizer={self.optimizer!r})"
+            f"MKOptimizer(e={self.e}, probabilities={self.probabilities!r}, path={self.path!r}, "
+            f"seed={self.expansion.seed}, step={self.mk_step}, optimizer={self.optimizer!r})"
         )
+
+
+def _choose_path(path: str, optimizer_cls: type, probabilities: str, model: nn.Module, targets: TargetSpec, e: Any,
+                 optimizer_kwargs: dict[str, Any]) -> str:  # fmt: skip
+    """``"fused"`` or ``"generic"`` for the requested ``path`` (``"fused"`` that cannot run raises why)."""
+    if path == "generic":
+        return path
+    if isinstance(e, bool) or not isinstance(e, int):
+        return "generic"  # expand() rejects it with its own message
+    params = [t.param for t in select_targets(model, targets)]
+    blocker = fused_path_blocker(optimizer_cls, probabilities, params, e, optimizer_kwargs)
+    if blocker is None:
+        return "fused"
+    if path == "fused":
+        raise ValueError(f"path='fused' cannot run here: {blocker}. Use path='generic' (or 'auto', which picks it)")
+    if not native.available():
+        _warn_once_without_native(blocker)
+    return "generic"
+
+
+_warned_without_native = False
+
+
+def _warn_once_without_native(reason: str) -> None:
+    global _warned_without_native
+    if not _warned_without_native:
+        _warned_without_native = True
+        warnings.warn(
+            f"mkopt takes the generic path: {reason}. It trains the same way, with e-times larger gradients and a "
+            "slower step; install a C++ compiler (g++) for the fused path.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+def _with_proxies(groups: Iterable[Any], proxy_of: dict[int, torch.Tensor], proxies: set[int]) -> list[Any]:
+    """The user's params or param groups with every kernel's copies replaced by its proxy (each once)."""
+    groups = list(groups)
+    seen: set[int] = set()
+
+    def substitute(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for param in params:
+            param = proxy_of.get(id(param), param)
+            if id(param) in proxies:
+                if id(param) in seen:
+                    continue  # model.parameters() lists the copies and the proxy: keep one
+                seen.add(id(param))
+            out.append(param)
+        return out
+
+    if groups and isinstance(groups[0], dict):
+        return [{**group, "params": substitute(group["params"] if not isinstance(group["params"], torch.Tensor) else [group["params"]])} for group in groups]  # fmt: skip
+    return substitute(groups)
+
+
+def _rewrite_weights(optimizer_ref: "weakref.ref[MKOptimizer]") -> None:
+    optimizer = optimizer_ref()
+    if optimizer is not None and optimizer._fused is not None and not optimizer._collapsed:
+        optimizer._fused.write_weights(optimizer.mk_step)
 
 
 def _check_optimizer_cls(optimizer_cls: Any) -> None:

@@ -6,6 +6,7 @@ Eval mode: ``W = mean_k W~[k]``, the deployable kernel. The mode follows ``modul
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -101,6 +102,31 @@ class MajorityKernel(nn.Module):
         self._copies = copies
         self.tied = tied
         self.grad_scale = 1.0  # set by MKOptimizer(lr_compensation=True)
+        self.register_parameter("proxy", None)  # the fused path's N-sized weight (see mkopt.fused_step)
+
+    def attach_proxy(self, proxy: nn.Parameter | None) -> None:
+        """Make the training forward read ``proxy`` (the fused path), or mix the copies again (``None``).
+
+        The proxy is a registered Parameter (``model.parameters()``, DDP and clipping see it) but
+        never part of the ``state_dict``: it is a function of the copies and the step.
+        """
+        self._parameters["proxy"] = proxy
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        with self._without_proxy():
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        with self._without_proxy():
+            super()._load_from_state_dict(state_dict, prefix, *args)
+
+    @contextlib.contextmanager
+    def _without_proxy(self):
+        proxy = self._parameters.pop("proxy")
+        try:
+            yield
+        finally:
+            self._parameters["proxy"] = proxy
 
     @property
     def p(self) -> torch.Tensor:
@@ -120,6 +146,10 @@ class MajorityKernel(nn.Module):
                 f"MK probabilities live on {device} but the weight is on {stacked.device}: "
                 "move the model to its device before building MKOptimizer, or rebuild it after moving"
             )
+        if self.proxy is not None:
+            from .fused_step import scaled_proxy  # the fused path: W was written by the last step
+
+            return scaled_proxy(self.proxy, self.slot, self.grad_scale)
         if self._regenerated:
             slot = self.slot
             sampler = slot.sampler
@@ -138,4 +168,5 @@ class MajorityKernel(nn.Module):
         return stacked
 
     def extra_repr(self) -> str:
-        return f"e={self.e}" + (", tied" if self.tied else "") + (", p regenerated" if self._regenerated else "")
+        return f"e={self.e}" + (", tied" if self.tied else "") + (", p regenerated" if self._regenerated else "") + (
+            ", fused path" if self.proxy is not None else "")  # fmt: skip

@@ -106,12 +106,21 @@ class ProbabilitySlot:
 
     def current(self) -> torch.Tensor:
         """``p`` in use now, ``[e, *shape]``: the buffer view, or a freshly regenerated tensor."""
-        if not self.sampler.regenerate:
+        sampler = self.sampler
+        if not sampler.regenerate:
             return self.view
-        flat = torch.empty(self.sampler.e, self.shape.numel(), device=self.key.device, dtype=self.key.dtype)
+        shape = (sampler.e, *self.shape)
+        if sampler.uniform:
+            return torch.full(shape, 1.0 / sampler.e, device=self.key.device, dtype=self.key.dtype)
+        if self.key.device.type == "cpu" and sampler.e <= MAX_SPACINGS_E:
+            from . import native  # the same values, bit for bit, without compiling a kernel
+
+            if native.available():
+                return native.probabilities(sampler.e, self.shape.numel(), sampler.seeds[self.key], self.offset, dtype=self.key.dtype).view(shape)
+        flat = torch.empty(sampler.e, self.shape.numel(), device=self.key.device, dtype=self.key.dtype)
         with torch.no_grad():
-            counter_dirichlet_(flat, self.step_key, compiled=self.sampler.compiled, offset=self.offset_tensor)
-        return flat.view(self.sampler.e, *self.shape)
+            counter_dirichlet_(flat, self.step_key, compiled=sampler.compiled, offset=self.offset_tensor)
+        return flat.view(shape)
 
 
 class DirichletSampler:
@@ -144,8 +153,14 @@ class DirichletSampler:
         self.slots: list[ProbabilitySlot] = []
         self.buffers: dict[BufferKey, torch.Tensor] = {}
         self.keys: dict[BufferKey, torch.Tensor] = {}
+        self.seeds: dict[BufferKey, int] = {}  # the same keys as Python ints (the fused path's kernels)
+        self.uniform = False  # the fused path's uniform mode: p = 1/e without a buffer
         self._constants: dict[torch.device, torch.Tensor] = {}
         self.step: int | None = None
+
+    def stream_of(self, key: BufferKey) -> int:
+        """The stream number of the tensors stored under ``key`` (order of first allocation)."""
+        return list(self._sizes).index(key)
 
     def compile_kernels(self, device: torch.device) -> bool:
         """Whether the kernels for tensors on ``device`` run compiled (see :mod:`mkopt.compiled`)."""
@@ -207,7 +222,7 @@ class DirichletSampler:
         if self._pending:
             self._materialize()
         for stream, key in enumerate(self._sizes):
-            seed = step_seed(self.seed, step, stream)
+            seed = self.seeds[key] = step_seed(self.seed, step, stream)
             # a new tensor each step: a graph built at step t keeps step t's key for its backward
             self.keys[key] = torch.tensor(seed, dtype=torch.int64, device=key.device)
             if fill and not self.regenerate:

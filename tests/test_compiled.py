@@ -29,7 +29,7 @@ def test_a_broken_compiler_warns_once_and_buffers_p(broken_compiler):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
     with pytest.warns(RuntimeWarning, match="could not compile"):
-        opt = mkopt.MKOptimizer(torch.optim.SGD, model, e=3, lr=0.1)
+        opt = mkopt.MKOptimizer(torch.optim.SGD, model, e=3, lr=0.1, path="generic")  # the fused path compiles nothing
     assert compiled.compiler_failed() and not opt.expansion.sampler.regenerate  # eager regeneration would hash twice
     x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
     for _ in range(2):
@@ -50,7 +50,7 @@ def test_a_bug_inside_a_kernel_is_raised_as_itself(broken_compiler):
 
 def test_sampler_compile_true_raises_instead_of_falling_back(broken_compiler):
     with pytest.raises(RuntimeError, match="simulated: no C"):
-        mkopt.MKOptimizer(torch.optim.SGD, nn.Linear(4, 2), e=3, lr=0.1, sampler_compile=True)
+        mkopt.MKOptimizer(torch.optim.SGD, nn.Linear(4, 2), e=3, lr=0.1, sampler_compile=True, path="generic")
 
 
 def test_many_kernel_variants_compile_past_dynamos_per_function_limit():

@@ -23,7 +23,8 @@ def batch(dtype=torch.float64, seed=1):
 @pytest.mark.parametrize("regenerated", [True, False], ids=["p-regenerated", "p-buffer"])
 def test_training_mode_reads_the_mixture_and_eval_reads_the_mean(regenerated):
     model = make_mlp()
-    opt = mkopt.MKOptimizer(torch.optim.SGD, model, e=3, lr=0.1, init="independent", sampler_compile=regenerated)
+    # the generic path's two p storages (the fused path: tests/test_fused_path.py)
+    opt = mkopt.MKOptimizer(torch.optim.SGD, model, e=3, lr=0.1, init="independent", sampler_compile=regenerated, path="generic")
     assert opt.expansion.sampler.regenerate is regenerated
     layer = model[1]
     stacked = layer.parametrizations.weight.original
@@ -50,7 +51,7 @@ def test_regenerated_and_buffered_p_train_identically():
     runs = []
     for regenerated in (True, False):
         model = make_mlp()
-        opt = mkopt.MKOptimizer(torch.optim.Adam, model, e=3, lr=1e-2, seed=5, sampler_compile=regenerated)
+        opt = mkopt.MKOptimizer(torch.optim.Adam, model, e=3, lr=1e-2, seed=5, sampler_compile=regenerated, path="generic")
         ps = []
         for step in range(4):
             x, y = batch(seed=step)
@@ -68,7 +69,7 @@ def test_regenerated_and_buffered_p_train_identically():
 def test_a_graph_keeps_the_p_of_its_own_forward():
     """Regenerated p: backward after the next draw still uses the forward's p (the key is saved)."""
     model = make_mlp()
-    opt = mkopt.MKOptimizer(torch.optim.SGD, model, e=3, lr=0.1, init="independent", sampler_compile=True)
+    opt = mkopt.MKOptimizer(torch.optim.SGD, model, e=3, lr=0.1, init="independent", sampler_compile=True, path="generic")
     layer = model[1]
     x, y = batch()
     with parametrize.cached():
@@ -84,7 +85,7 @@ def test_a_graph_keeps_the_p_of_its_own_forward():
 
 def test_gradient_of_copy_k_is_p_k_times_grad_w_exactly():
     model = make_mlp()
-    mkopt.MKOptimizer(torch.optim.SGD, model, e=3, lr=0.1, init="independent")
+    mkopt.MKOptimizer(torch.optim.SGD, model, e=3, lr=0.1, init="independent", path="generic")
     x, y = batch()
     with parametrize.cached():  # one W per layer for the whole forward, so its .grad is dL/dW
         weights = {name: m.weight for name, m in model.named_modules() if isinstance(m, nn.Linear)}
@@ -107,9 +108,11 @@ def test_gradient_of_copy_k_is_p_k_times_grad_w_exactly():
     ],
 )
 def test_e1_reproduces_the_plain_optimizer_bit_for_bit(cls, kwargs):
+    # the generic path runs torch's own update; the fused kernel's arithmetic differs in the last bits
+    # (tests/test_fused_path.py::test_e1_fused_reproduces_the_torch_optimizer checks it to 1e-9)
     plain, expanded = make_mlp(torch.float32), make_mlp(torch.float32)
     plain_opt = cls(plain.parameters(), **kwargs)
-    mk_opt = mkopt.MKOptimizer(cls, expanded, e=1, **kwargs)
+    mk_opt = mkopt.MKOptimizer(cls, expanded, e=1, path="generic", **kwargs)
     for step in range(20):
         x, y = batch(torch.float32, seed=step)
         losses = []
@@ -124,19 +127,24 @@ def test_e1_reproduces_the_plain_optimizer_bit_for_bit(cls, kwargs):
         assert torch.equal(a, b), name
 
 
-def test_per_group_settings_are_kept():
+@pytest.mark.parametrize("path", ["fused", "generic"])
+def test_per_group_settings_are_kept(path):
     model = make_mlp()
     decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
     no_decay = [p for n, p in model.named_parameters() if n.endswith("bias")]
     groups = [{"params": decay, "weight_decay": 0.5}, {"params": no_decay, "weight_decay": 0.0}]
-    opt = mkopt.MKOptimizer(torch.optim.SGD, model, e=2, params=groups, lr=0.1)
+    opt = mkopt.MKOptimizer(torch.optim.SGD, model, e=2, params=groups, lr=0.1, path=path)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.5, 0.0]
     assert opt.param_groups is opt.optimizer.param_groups
-    assert all(p.shape[0] == 2 for p in opt.param_groups[0]["params"])  # the same Parameters, now stacked
+    if path == "generic":
+        assert all(p.shape[0] == 2 for p in opt.param_groups[0]["params"])  # the same Parameters, now stacked
+    else:  # each kernel's N-sized proxy stands in the group where its copies were
+        assert [p.shape for p in opt.param_groups[0]["params"]] == [model[i].weight.shape for i in (1, 3, 5)]
     biases = [p.detach().clone() for p in no_decay]
     weights = [p.detach().clone() for p in decay]
     for p in model.parameters():
-        p.grad = torch.zeros_like(p)
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
     opt.step()  # zero gradients: only weight decay moves anything
     assert all(torch.equal(a, b) for a, b in zip(biases, no_decay))
     assert all(torch.allclose(b, a * (1 - 0.1 * 0.5)) for a, b in zip(weights, decay))
@@ -177,13 +185,16 @@ def test_replicate_init_leaves_the_function_unchanged_and_independent_draws_new_
             assert torch.equal(again[1].parametrizations.weight.original, stacked)
 
 
-def test_tied_weights_are_expanded_once_and_stay_tied():
+@pytest.mark.parametrize("path", ["fused", "generic"])
+def test_tied_weights_are_expanded_once_and_stay_tied(path):
     torch.manual_seed(0)
     model = TiedLM()
-    opt = mkopt.MKOptimizer(torch.optim.Adam, model, e=3, lr=1e-2)
+    opt = mkopt.MKOptimizer(torch.optim.Adam, model, e=3, lr=1e-2, path=path)
     stacked = model.embed.parametrizations.weight.original
     assert stacked is model.head.parametrizations.weight.original and stacked.shape == (3, 50, 16)
-    assert sum(1 for p in opt.param_groups[0]["params"] if p is stacked) == 1
+    stepped = stacked if path == "generic" else model.embed.parametrizations.weight[0].proxy
+    assert stepped is model.head.parametrizations.weight[0].proxy or path == "generic"  # one shared proxy
+    assert sum(1 for p in opt.param_groups[0]["params"] if p is stepped) == 1
     tokens = torch.randint(0, 50, (4, 6))
     for _ in range(3):
         opt.zero_grad()

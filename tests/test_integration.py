@@ -34,7 +34,8 @@ def test_clip_grad_norm_clips_the_copies_gradients():
     (F.cross_entropy(model(x), y) * 1000).backward()
     total = nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.5)
     assert float(total) > 0.5
-    clipped = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in model.parameters()]))
+    # the fused path's copies take no gradient (their proxy's carries the same norm)
+    clipped = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in model.parameters() if p.grad is not None]))
     assert float(clipped) == pytest.approx(0.5, rel=1e-4)
     opt.step()
 
@@ -86,7 +87,7 @@ def test_step_with_closure():
 
 def test_redrawing_buffered_p_between_forward_and_backward_is_an_error():
     # buffer mode (the regenerated p keeps its forward's key instead: test_core.test_a_graph_keeps_the_p_of_its_own_forward)
-    model, opt, x, y = setup(sampler_compile=False)
+    model, opt, x, y = setup(sampler_compile=False, path="generic")
     loss = F.cross_entropy(model(x), y)
     opt.step()  # draws the next p in place while the graph still needs the old one
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):

@@ -149,7 +149,7 @@ def finetune(
     model.train()
     opt = build_optimizer(method, model, config, seed)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(config.steps, config.warmup))
-    trained = sum(p.numel() for p in model.parameters())
+    trained = opt.trained_parameters() if isinstance(opt, MKOptimizer) else sum(p.numel() for p in model.parameters())
     order_rng = torch.Generator().manual_seed(seed)
     order: list[int] = []
     curve: list[dict[str, float]] = []

@@ -1,0 +1,264 @@
+"""The fused path: Majority Kernels inside the optimizer, one pass per element and step.
+
+The copies ``W~`` (the parametrizations' ``original`` stacks) take no gradients. The training
+forward reads one N-sized *proxy* Parameter per kernel, ``W_t = sum_k p_t,k W~_k``, written by
+the previous step. Backward gives the proxy ``s * dL/dW`` with ``s = sqrt(sum_k p_k^2)`` per
+element, so its norm is exactly the norm the copies' gradients ``p_k * dL/dW`` would have:
+``clip_grad_norm_``, GradScaler's unscale and inf check, gradient accumulation and DDP averaging
+see the same numbers as on the generic path, while only N (not e*N) gradient values exist and
+DDP moves N. The step then runs one native kernel per kernel tensor that regenerates ``p_t``,
+forms ``g_k = p_k / s * grad``, updates copies and optimizer state in place (torch's own state
+keys, ``[e, *shape]`` tensors under ``state[proxy]``), draws ``p_t+1`` and writes ``W_t+1``.
+Parameters that are not expanded are stepped by the wrapped torch optimizer itself.
+
+This module decides whether the fused path can run (:func:`fused_path_blocker`) and runs it
+(:class:`FusedUpdate`); :class:`mkopt.MKOptimizer` picks the path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import native
+from .expand import Expansion
+from .sampling import ProbabilitySlot, step_seed
+
+FUSED_OPTIMIZERS: dict[type[torch.optim.Optimizer], str] = {
+    torch.optim.SGD: "sgd",
+    torch.optim.Adam: "adam",
+    torch.optim.AdamW: "adam",
+}
+FUSED_MODES: tuple[str, ...] = ("dirichlet", "uniform")
+
+
+def fused_path_blocker(optimizer_cls: type, probabilities: str, params: Iterable[torch.Tensor], e: int,
+                       optimizer_kwargs: dict[str, Any]) -> str | None:  # fmt: skip
+    """Why the fused path cannot run for this setup, or ``None`` when it can.
+
+    Example:
+        >>> fused_path_blocker(torch.optim.RMSprop, "dirichlet", [torch.zeros(2, 2)], 3, {}) is not None
+        True
+    """
+    if optimizer_cls not in FUSED_OPTIMIZERS:
+        return (
+            f"{getattr(optimizer_cls, '__name__', optimizer_cls)} has no fused MK kernel (only exactly torch.optim.SGD, "
+            "Adam and AdamW have; a subclass may change the step)"
+        )
+    if probabilities not in FUSED_MODES:
+        return f"probabilities={probabilities!r} needs the generic path (the fused path runs {FUSED_MODES})"
+    if optimizer_kwargs.get("differentiable"):
+        return "differentiable=True needs the generic path (the fused kernels are not differentiable)"
+    for param in params:
+        if param.device.type != "cpu":
+            return f"a kernel lives on {param.device}: the fused kernels run on CPU for now"
+        if param.dtype not in native.SUPPORTED_DTYPES:
+            return f"a kernel is {param.dtype}: the fused kernels take {[str(d) for d in native.SUPPORTED_DTYPES]}"
+    if not native.available():
+        return f"the fused CPU kernels could not be built ({native.unavailable_reason()})"
+    if e > native.max_e():
+        return f"e={e} exceeds the fused kernels' maximum e={native.max_e()}"
+    return None
+
+
+class _ScaledProxy(torch.autograd.Function):
+    """Identity forward; backward returns ``sqrt(sum_k p_k^2) * dL/dW`` with this graph's ``p``."""
+
+    @staticmethod
+    def forward(ctx: Any, proxy: torch.Tensor, e: int, key: int, offset: int, uniform: bool, scale: float) -> torch.Tensor:
+        ctx.p_args = (e, key, offset, uniform, scale)
+        return proxy.view_as(proxy)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        e, key, offset, uniform, scale = ctx.p_args
+        out = grad.clone() if e == 1 else native.scale_grad(grad, e, key, offset, uniform)  # e = 1: p = 1, s = 1
+        if scale != 1.0:  # lr compensation (Lemma 4.3), as the generic path scales the copies' gradients
+            out.mul_(scale)
+        return out, None, None, None, None, None
+
+
+def scaled_proxy(proxy: torch.Tensor, slot: ProbabilitySlot, grad_scale: float = 1.0) -> torch.Tensor:
+    """What the training forward reads on the fused path: ``proxy``, with the gradient scaling above."""
+    sampler = slot.sampler
+    return _ScaledProxy.apply(proxy, sampler.e, sampler.seeds[slot.key], slot.offset, sampler.uniform, grad_scale)
+
+
+@dataclass(eq=False)
+class FusedKernel:
+    """One expanded kernel on the fused path: its copies, its proxy and where its ``p`` lives."""
+
+    name: str
+    copies: torch.Tensor  # the [e, *shape] stack (parametrize's ``original``)
+    proxy: nn.Parameter  # the N-sized weight the training forward reads
+    slot: ProbabilitySlot
+
+
+def attach_proxies(expansion: Expansion) -> list[FusedKernel]:
+    """Give every expanded kernel a proxy Parameter and stop its copies taking gradients.
+
+    The proxy is registered on the kernel's parametrization (so ``model.parameters()``, DDP and
+    ``clip_grad_norm_`` see it) and kept out of the model's ``state_dict`` (it is recomputed
+    from the copies). Tied owners share one proxy.
+    """
+    kernels = []
+    for target, slot in zip(expansion.targets, expansion.sampler.slots):
+        copies = target.param
+        proxy = nn.Parameter(torch.empty(copies.shape[1:], dtype=copies.dtype, device=copies.device))
+        for owner in target.owners:
+            owner.module.parametrizations[owner.attr][0].attach_proxy(proxy)
+        copies.requires_grad_(False)
+        kernels.append(FusedKernel(target.name, copies, proxy, slot))
+    return kernels
+
+
+def detach_proxies(expansion: Expansion) -> None:
+    """Undo :func:`attach_proxies` (collapse and deploy remove the parametrizations anyway)."""
+    for target in expansion.targets:
+        for owner in target.owners:
+            if hasattr(owner.module, "parametrizations") and owner.attr in owner.module.parametrizations:
+                owner.module.parametrizations[owner.attr][0].attach_proxy(None)
+        target.param.requires_grad_(True)
+
+
+class FusedUpdate:
+    """Runs the fused MK update of the expanded kernels inside ``optimizer``'s param groups.
+
+    ``optimizer`` is the wrapped torch optimizer built over the proxies (in place of the copies)
+    and the plain parameters; :meth:`step` steps the proxies' kernels here and everything else
+    through ``optimizer.step()``.
+    """
+
+    def __init__(self, expansion: Expansion, kernels: list[FusedKernel], optimizer: torch.optim.Optimizer,
+                 uniform: bool) -> None:  # fmt: skip
+        self.expansion = expansion
+        self.kernels = kernels
+        self.by_proxy = {id(k.proxy): k for k in kernels}
+        self.optimizer = optimizer
+        self.kind = FUSED_OPTIMIZERS[type(optimizer)]
+        self.grad_scale = 1.0  # lr compensation is applied to the proxy's gradient in backward
+        self.uniform = uniform
+
+    # -- the next weight ------------------------------------------------------------------
+    def key(self, slot: ProbabilitySlot, step: int) -> int:
+        """The stream key of ``slot`` at ``step`` (the sampler's, without touching its state)."""
+        return step_seed(self.expansion.sampler.seed, step, self.expansion.sampler.stream_of(slot.key))
+
+    @torch.no_grad()
+    def write_weights(self, step: int) -> None:
+        """``proxy = sum_k p_step,k W~_k`` for every kernel (after a load, a resume, a manual edit)."""
+        for kernel in self.kernels:
+            _write_contiguous(kernel.proxy, lambda out: native.mix_(
+                kernel.copies, out, self.key(kernel.slot, step), kernel.slot.offset, self.uniform))  # fmt: skip
+
+    # -- the step --------------------------------------------------------------------------
+    def step(self, step: int, closure: Any = None) -> Any:
+        """Step every parameter for MK step ``step``; the proxies then hold ``W_step+1``."""
+        loss = None
+        if closure is not None:  # as torch's optimizers do: the closure first, then the update
+            with torch.enable_grad():
+                loss = closure()
+        with self._proxy_grads_hidden() as grads:
+            self.optimizer.step()
+        with torch.no_grad():
+            for group in self.optimizer.param_groups:
+                for param in group["params"]:
+                    kernel = self.by_proxy.get(id(param))
+                    if kernel is not None:
+                        self._step_kernel(kernel, group, grads.get(id(param)), step)
+        return loss
+
+    @contextmanager
+    def _proxy_grads_hidden(self) -> Iterator[dict[int, torch.Tensor]]:
+        """The torch optimizer skips parameters without ``.grad``: hide the proxies' for its step."""
+        grads = {}
+        for kernel in self.kernels:
+            if kernel.proxy.grad is not None:
+                grads[id(kernel.proxy)] = kernel.proxy.grad
+                kernel.proxy.grad = None
+        try:
+            yield grads
+        finally:
+            for kernel in self.kernels:
+                if id(kernel.proxy) in grads:
+                    kernel.proxy.grad = grads[id(kernel.proxy)]
+
+    def _step_kernel(self, kernel: FusedKernel, group: dict[str, Any], grad: torch.Tensor | None, step: int) -> None:
+        if grad is not None and grad.is_sparse:
+            raise RuntimeError(f"{kernel.name!r} has a sparse gradient: MK kernels need dense gradients")
+        proxy, copies, slot = kernel.proxy, kernel.copies, kernel.slot
+        e = copies.shape[0]
+        args = native.StepArgs(
+            n=proxy.numel(), offset=slot.offset, key_now=self.key(slot, step) & (2**64 - 1),
+            key_next=self.key(slot, step + 1) & (2**64 - 1), e=e, uniform=int(self.uniform),
+            has_grad=int(grad is not None), maximize=int(group.get("maximize", False)), lr=float(group["lr"]),
+            weight_decay=float(group.get("weight_decay", 0.0)), grad_scale=self.grad_scale,
+        )  # fmt: skip
+        grad_flat = None if grad is None else grad.to(proxy.dtype).contiguous()
+        if self.kind == "sgd":
+            momentum = float(group.get("momentum", 0.0))
+            buffer = None
+            state = self.optimizer.state[proxy] if momentum != 0 else {}  # torch keeps no entry without momentum
+            _check_state(kernel, state)
+            if momentum != 0 and grad is not None:
+                buffer = state.get("momentum_buffer")
+                args.first_momentum = int(buffer is None)
+                if buffer is None:
+                    buffer = state["momentum_buffer"] = torch.empty_like(copies)
+                args.momentum, args.dampening, args.nesterov = momentum, float(group["dampening"]), int(group["nesterov"])
+            elif momentum != 0:
+                buffer = state.get("momentum_buffer")  # untouched without a gradient; only W is rewritten
+            _write_contiguous(proxy, lambda out: native.sgd_(args, copies, out, grad_flat, buffer))
+            return
+        state = self.optimizer.state[proxy]
+        _check_state(kernel, state)
+        amsgrad = bool(group["amsgrad"])
+        if len(state) == 0:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(copies, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(copies, memory_format=torch.contiguous_format)
+            if amsgrad:
+                state["max_exp_avg_sq"] = torch.zeros_like(copies, memory_format=torch.contiguous_format)
+        if grad is not None:
+            state["step"] += 1
+        t = float(state["step"])
+        beta1, beta2 = (float(b) for b in group["betas"])
+        args.beta1, args.beta2, args.eps = beta1, beta2, float(group["eps"])
+        if t > 0:
+            args.step_size = float(group["lr"]) / (1 - beta1**t)
+            args.bias2_sqrt = math.sqrt(1 - beta2**t)
+        args.amsgrad = int(amsgrad)
+        args.decoupled = int(group.get("decoupled_weight_decay", type(self.optimizer) is torch.optim.AdamW))
+        max_sq = state.get("max_exp_avg_sq") if amsgrad else None
+        if amsgrad and max_sq is None:
+            max_sq = state["max_exp_avg_sq"] = torch.zeros_like(copies, memory_format=torch.contiguous_format)
+        _write_contiguous(proxy, lambda out: native.adam_(args, copies, out, grad_flat, state["exp_avg"], state["exp_avg_sq"], max_sq))
+
+
+def _check_state(kernel: FusedKernel, state: dict[str, Any]) -> None:
+    """Refuse optimizer state that is not ``[e, *shape]`` (e.g. stepped by a plain optimizer): the kernel would overrun it."""
+    for name, value in state.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and (
+            value.shape != kernel.copies.shape or not value.is_contiguous() or value.dtype != kernel.copies.dtype
+        ):
+            raise RuntimeError(
+                f"optimizer state {name!r} of {kernel.name!r} has shape {tuple(value.shape)} and dtype {value.dtype}, but the "
+                f"fused path keeps [e, *shape] = {tuple(kernel.copies.shape)} {kernel.copies.dtype} contiguous tensors: was "
+                "it loaded from a plain optimizer's state_dict, or stepped outside MKOptimizer.step()?"
+            )
+
+
+def _write_contiguous(target: torch.Tensor, write: Any) -> None:
+    """Run ``write(out)`` into ``target`` directly, or through a contiguous scratch (channels_last proxies)."""
+    if target.is_contiguous():
+        write(target.data)
+        return
+    scratch = torch.empty(target.shape, dtype=target.dtype, device=target.device)
+    write(scratch)
+    target.data.copy_(scratch)

@@ -1,0 +1,338 @@
+// Fused Majority-Kernels kernels for CPU: one pass per element and step (see mkopt/native/__init__.py).
+//
+// Every kernel regenerates the Dirichlet(1) probabilities p from (stream key, column index) exactly as
+// mkopt/sampling.py's probability_rows does (SplitMix64 counters, uniform spacings up to e = 16, normalized
+// exponentials above): bit-identical p for e <= 16. Work is done in blocks of BLOCK elements so that each
+// inner loop runs over elements with no data-dependent branches and vectorizes; blocks are spread over
+// torch's own OpenMP runtime (libgomp.so.1, already loaded by torch).
+//
+// Built with -ffp-contract=off: no fused multiply-adds, so the W written by a resumed run equals the W
+// written in the step, whatever the build machine.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+constexpr int64_t BLOCK = 256;
+constexpr int MAX_E = 32;
+constexpr int MAX_SPACINGS_E = 16;
+
+inline uint64_t splitmix64(uint64_t counter, uint64_t key) {
+  uint64_t x = key + (counter + 1) * 0x9E3779B97F4A7C15ULL;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
+  return x ^ (x >> 31);
+}
+
+// A: the probability type (float for float32/bf16 weights, double for float64 weights).
+template <typename A> struct Bits;
+template <> struct Bits<float> {
+  static constexpr int per_word = 2;
+  static inline float tiny() { return 1.1920928955078125e-07f / 4; }  // FLT_EPSILON / 4
+};
+template <> struct Bits<double> {
+  static constexpr int per_word = 1;
+  static inline double tiny() { return 2.220446049250313e-16 / 4; }  // DBL_EPSILON / 4
+};
+
+// p[k][j] for columns col0 .. col0 + len of stream `key`; `uniform`: p = 1/e.
+template <typename A>
+void probabilities(int e, uint64_t key, int64_t col0, int64_t len, bool uniform, A (*p)[BLOCK]) {
+  if (e == 1 || uniform) {
+    const A value = e == 1 ? A(1) : A(1.0 / e);
+    for (int k = 0; k < e; ++k)
+      for (int64_t j = 0; j < len; ++j) p[k][j] = value;
+    return;
+  }
+  const int count = e <= MAX_SPACINGS_E ? e - 1 : e;
+  const int per_word = Bits<A>::per_word;
+  const int words = (count + per_word - 1) / per_word;
+  A u[MAX_E][BLOCK];
+  for (int r = 0; r < words; ++r) {
+    const bool second = per_word == 2 && 2 * r + 1 < count;
+    A* first_row = u[per_word * r];
+    A* second_row = u[second ? 2 * r + 1 : 0];
+    for (int64_t j = 0; j < len; ++j) {
+      const uint64_t column = uint64_t(col0 + j);
+      const uint64_t word = splitmix64(words > 1 ? column * uint64_t(words) + uint64_t(r) : column, key);
+      if (per_word == 2) {
+        first_row[j] = A(float(word >> 40) * 0x1p-24f);
+        if (second) second_row[j] = A(float((word >> 8) & 0xFFFFFFULL) * 0x1p-24f);
+      } else {
+        first_row[j] = A(double(word >> 11) * 0x1p-53);
+      }
+    }
+  }
+  const A tiny = Bits<A>::tiny();
+  if (e <= MAX_SPACINGS_E) {
+    for (int sweep = count - 1; sweep > 0; --sweep)  // bubble-sort network, as sampling.dirichlet_from_uniforms
+      for (int i = 0; i < sweep; ++i)
+        for (int64_t j = 0; j < len; ++j) {
+          const A a = u[i][j], b = u[i + 1][j];
+          u[i][j] = a < b ? a : b;
+          u[i + 1][j] = a < b ? b : a;
+        }
+    for (int64_t j = 0; j < len; ++j) {
+      const A first = u[0][j] > tiny ? u[0][j] : tiny;
+      u[0][j] = first;
+      p[0][j] = first;
+    }
+    for (int i = 1; i < count; ++i)
+      for (int64_t j = 0; j < len; ++j) {
+        const A gap = u[i][j] - u[i - 1][j];
+        p[i][j] = gap > tiny ? gap : tiny;
+      }
+    for (int64_t j = 0; j < len; ++j) p[e - 1][j] = A(1) - u[count - 1][j];
+    return;
+  }
+  A total[BLOCK];
+  for (int k = 0; k < e; ++k)
+    for (int64_t j = 0; j < len; ++j) {
+      const A x = -std::log(u[k][j] > tiny ? u[k][j] : tiny);
+      p[k][j] = x;
+      total[j] = k == 0 ? x : total[j] + x;
+    }
+  for (int k = 0; k < e; ++k)
+    for (int64_t j = 0; j < len; ++j) p[k][j] = p[k][j] / total[j];
+}
+
+// Storage types: float, double, and bfloat16 held as uint16_t (computed in float, rounded to nearest even).
+struct bf16 {
+  uint16_t bits;
+};
+template <typename T, typename A> struct Io {
+  static inline A load(const T* x, int64_t i) { return A(x[i]); }
+  static inline void store(T* x, int64_t i, A v) { x[i] = T(v); }
+};
+template <> struct Io<bf16, float> {
+  static inline float load(const bf16* x, int64_t i) {
+    uint32_t u = uint32_t(x[i].bits) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+  static inline void store(bf16* x, int64_t i, float v) {
+    uint32_t u;
+    std::memcpy(&u, &v, 4);
+    const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    x[i].bits = uint16_t(nan ? ((u >> 16) | 0x40u) : rounded);
+  }
+};
+
+}  // namespace
+
+extern "C" {
+
+// Everything one fused update needs besides the tensors. Mirrors mkopt.native.StepArgs (ctypes).
+struct StepArgs {
+  int64_t n;          // elements per copy
+  int64_t offset;     // first stream column of this tensor
+  uint64_t key_now;   // stream key of the step being taken (p_t)
+  uint64_t key_next;  // stream key of the next step (p_{t+1}), for the next W
+  int32_t e;
+  int32_t uniform;    // p = 1/e (probabilities="uniform")
+  int32_t has_grad;   // 0: no gradient this step (copies and states untouched; W rewritten with p_{t+1})
+  int32_t maximize;
+  double lr;
+  double weight_decay;
+  double grad_scale;  // lr_compensation: e; else 1
+  // SGD
+  double momentum;
+  double dampening;
+  int32_t nesterov;
+  int32_t first_momentum;  // no momentum buffer yet: buf = g (torch's first step)
+  // Adam / AdamW
+  double beta1;
+  double beta2;
+  double eps;
+  double step_size;        // lr / (1 - beta1^t)
+  double bias2_sqrt;       // sqrt(1 - beta2^t)
+  int32_t amsgrad;
+  int32_t decoupled;       // AdamW's decoupled weight decay
+};
+
+}  // extern "C"
+
+namespace {
+
+template <typename T, typename A>
+void mix(int e, int64_t n, int64_t offset, uint64_t key, bool uniform, const T* copies, T* w) {
+#pragma omp parallel for schedule(static)
+  for (int64_t b0 = 0; b0 < n; b0 += BLOCK) {
+    const int64_t len = n - b0 < BLOCK ? n - b0 : BLOCK;
+    A p[MAX_E][BLOCK];
+    A acc[BLOCK];
+    probabilities<A>(e, key, offset + b0, len, uniform, p);
+    for (int k = 0; k < e; ++k) {
+      const T* c = copies + k * n + b0;
+      for (int64_t j = 0; j < len; ++j) {
+        const A term = p[k][j] * Io<T, A>::load(c, j);
+        acc[j] = k == 0 ? term : acc[j] + term;
+      }
+    }
+    for (int64_t j = 0; j < len; ++j) Io<T, A>::store(w + b0, j, acc[j]);
+  }
+}
+
+// out = sqrt(sum_k p_k^2) * grad: the proxy's gradient, whose norm is the copies' gradients' norm.
+template <typename T, typename A>
+void scale_grad(int e, int64_t n, int64_t offset, uint64_t key, bool uniform, const T* grad, T* out) {
+#pragma omp parallel for schedule(static)
+  for (int64_t b0 = 0; b0 < n; b0 += BLOCK) {
+    const int64_t len = n - b0 < BLOCK ? n - b0 : BLOCK;
+    A p[MAX_E][BLOCK];
+    A sq[BLOCK];
+    probabilities<A>(e, key, offset + b0, len, uniform, p);
+    for (int k = 0; k < e; ++k)
+      for (int64_t j = 0; j < len; ++j) sq[j] = k == 0 ? p[k][j] * p[k][j] : sq[j] + p[k][j] * p[k][j];
+    for (int64_t j = 0; j < len; ++j) Io<T, A>::store(out + b0, j, std::sqrt(sq[j]) * Io<T, A>::load(grad + b0, j));
+  }
+}
+
+// g_k = p_k / s * grad (= p_k * dL/dW), sign and lr compensation applied, per column of the block.
+template <typename T, typename A>
+void per_copy_factor(const StepArgs& a, const T* grad, int64_t b0, int64_t len, A (*p)[BLOCK], A* factor) {
+  const int e = a.e;
+  A sq[BLOCK];
+  for (int k = 0; k < e; ++k)
+    for (int64_t j = 0; j < len; ++j) sq[j] = k == 0 ? p[k][j] * p[k][j] : sq[j] + p[k][j] * p[k][j];
+  const A sign = A(a.maximize ? -a.grad_scale : a.grad_scale);
+  for (int64_t j = 0; j < len; ++j) factor[j] = sign * Io<T, A>::load(grad + b0, j) / std::sqrt(sq[j]);
+}
+
+template <typename T, typename A>
+void sgd(const StepArgs& a, T* copies, T* w, const T* grad, T* buf) {
+  const int e = a.e;
+  const int64_t n = a.n;
+  const A lr = A(a.lr), wd = A(a.weight_decay), mom = A(a.momentum), keep = A(1.0 - a.dampening);
+#pragma omp parallel for schedule(static)
+  for (int64_t b0 = 0; b0 < n; b0 += BLOCK) {
+    const int64_t len = n - b0 < BLOCK ? n - b0 : BLOCK;
+    A p[MAX_E][BLOCK];
+    A acc[BLOCK];
+    A factor[BLOCK];
+    if (a.has_grad) {
+      probabilities<A>(e, a.key_now, a.offset + b0, len, a.uniform, p);
+      per_copy_factor<T, A>(a, grad, b0, len, p, factor);
+      for (int k = 0; k < e; ++k) {  // p[k] is read before row k of p is overwritten below
+        T* c = copies + k * n + b0;
+        T* m = buf == nullptr ? nullptr : buf + k * n + b0;
+        for (int64_t j = 0; j < len; ++j) {
+          const A weight = Io<T, A>::load(c, j);
+          A g = p[k][j] * factor[j];
+          if (a.weight_decay != 0) g = g + wd * weight;
+          if (m != nullptr) {
+            const A next = a.first_momentum ? g : mom * Io<T, A>::load(m, j) + keep * g;
+            Io<T, A>::store(m, j, next);
+            const A stored = Io<T, A>::load(m, j);  // the rounded buffer, as torch uses it
+            g = a.nesterov ? g + mom * stored : stored;
+          }
+          Io<T, A>::store(c, j, weight - lr * g);
+        }
+      }
+    }
+    probabilities<A>(e, a.key_next, a.offset + b0, len, a.uniform, p);
+    for (int k = 0; k < e; ++k) {
+      const T* c = copies + k * n + b0;
+      for (int64_t j = 0; j < len; ++j) {
+        const A term = p[k][j] * Io<T, A>::load(c, j);
+        acc[j] = k == 0 ? term : acc[j] + term;
+      }
+    }
+    for (int64_t j = 0; j < len; ++j) Io<T, A>::store(w + b0, j, acc[j]);
+  }
+}
+
+template <typename T, typename A>
+void adam(const StepArgs& a, T* copies, T* w, const T* grad, T* exp_avg, T* exp_avg_sq, T* max_exp_avg_sq) {
+  const int e = a.e;
+  const int64_t n = a.n;
+  const A lr = A(a.lr), wd = A(a.weight_decay), beta2 = A(a.beta2), eps = A(a.eps);
+  const A one_minus_beta1 = A(1.0 - a.beta1), one_minus_beta2 = A(1.0 - a.beta2);
+  const A step_size = A(a.step_size), bias2_sqrt = A(a.bias2_sqrt);
+  const A shrink = A(1.0 - a.lr * a.weight_decay);
+#pragma omp parallel for schedule(static)
+  for (int64_t b0 = 0; b0 < n; b0 += BLOCK) {
+    const int64_t len = n - b0 < BLOCK ? n - b0 : BLOCK;
+    A p[MAX_E][BLOCK];
+    A acc[BLOCK];
+    A factor[BLOCK];
+    if (a.has_grad) {
+      probabilities<A>(e, a.key_now, a.offset + b0, len, a.uniform, p);
+      per_copy_factor<T, A>(a, grad, b0, len, p, factor);
+      for (int k = 0; k < e; ++k) {
+        T* c = copies + k * n + b0;
+        T* m = exp_avg + k * n + b0;
+        T* v = exp_avg_sq + k * n + b0;
+        T* vmax = max_exp_avg_sq == nullptr ? nullptr : max_exp_avg_sq + k * n + b0;
+        for (int64_t j = 0; j < len; ++j) {
+          A weight = Io<T, A>::load(c, j);
+          A g = p[k][j] * factor[j];
+          if (a.weight_decay != 0) {
+            if (a.decoupled) weight = weight * shrink;
+            else g = g + wd * weight;
+          }
+          const A m_old = Io<T, A>::load(m, j);
+          Io<T, A>::store(m, j, m_old + one_minus_beta1 * (g - m_old));  // torch's lerp for weight < 0.5
+          Io<T, A>::store(v, j, beta2 * Io<T, A>::load(v, j) + one_minus_beta2 * g * g);
+          A second = Io<T, A>::load(v, j);
+          if (vmax != nullptr) {
+            const A old = Io<T, A>::load(vmax, j);
+            second = old > second ? old : second;
+            Io<T, A>::store(vmax, j, second);
+          }
+          const A denom = std::sqrt(second) / bias2_sqrt + eps;
+          Io<T, A>::store(c, j, weight - step_size * Io<T, A>::load(m, j) / denom);
+        }
+      }
+    }
+    probabilities<A>(e, a.key_next, a.offset + b0, len, a.uniform, p);
+    for (int k = 0; k < e; ++k) {
+      const T* c = copies + k * n + b0;
+      for (int64_t j = 0; j < len; ++j) {
+        const A term = p[k][j] * Io<T, A>::load(c, j);
+        acc[j] = k == 0 ? term : acc[j] + term;
+      }
+    }
+    for (int64_t j = 0; j < len; ++j) Io<T, A>::store(w + b0, j, acc[j]);
+  }
+  (void)lr;
+}
+
+}  // namespace
+
+// The C entry points, one per storage type: f32 (p float), f64 (p double), bf16 (p float).
+#define MK_ENTRY_POINTS(SUFFIX, T, A)                                                                           \
+  extern "C" void mk_probabilities_##SUFFIX(int e, int64_t n, int64_t offset, uint64_t key, int uniform,        \
+                                            A* out) {                                                          \
+    _Pragma("omp parallel for schedule(static)") for (int64_t b0 = 0; b0 < n; b0 += BLOCK) {                    \
+      const int64_t len = n - b0 < BLOCK ? n - b0 : BLOCK;                                                      \
+      A p[MAX_E][BLOCK];                                                                                        \
+      probabilities<A>(e, key, offset + b0, len, uniform != 0, p);                                              \
+      for (int k = 0; k < e; ++k)                                                                               \
+        for (int64_t j = 0; j < len; ++j) out[k * n + b0 + j] = p[k][j];                                        \
+    }                                                                                                           \
+  }                                                                                                             \
+  extern "C" void mk_mix_##SUFFIX(int e, int64_t n, int64_t offset, uint64_t key, int uniform, const T* copies, \
+                                  T* w) {                                                                       \
+    mix<T, A>(e, n, offset, key, uniform != 0, copies, w);                                                      \
+  }                                                                                                             \
+  extern "C" void mk_scale_grad_##SUFFIX(int e, int64_t n, int64_t offset, uint64_t key, int uniform,           \
+                                         const T* grad, T* out) {                                               \
+    scale_grad<T, A>(e, n, offset, key, uniform != 0, grad, out);                                               \
+  }                                                                                                             \
+  extern "C" void mk_sgd_##SUFFIX(const StepArgs* a, T* copies, T* w, const T* grad, T* buf) {                   \
+    sgd<T, A>(*a, copies, w, grad, buf);                                                                        \
+  }                                                                                                             \
+  extern "C" void mk_adam_##SUFFIX(const StepArgs* a, T* copies, T* w, const T* grad, T* m, T* v, T* vmax) {     \
+    adam<T, A>(*a, copies, w, grad, m, v, vmax);                                                                \
+  }
+
+MK_ENTRY_POINTS(f32, float, float)
+MK_ENTRY_POINTS(f64, double, double)
+MK_ENTRY_POINTS(bf16, bf16, float)
+
+extern "C" int mk_max_e() { return MAX_E; }
+extern "C" int mk_abi_version() { return 1; }
