@@ -5,18 +5,20 @@ Semantics under ``DistributedDataParallel`` (DDP):
 - **One global** ``p`` **per step, no communication.** ``p`` of step ``t`` is a pure function of
   ``(seed, t)`` (see :mod:`mkopt.sampling`), so every rank that builds ``MKOptimizer`` with the same
   ``seed`` mixes its copies with the same ``p`` at every step, and a resumed run draws the same ``p``.
-- **DDP all-reduces the gradients of the expanded copies** (``parametrizations.<name>.original``,
-  the only Parameters of an expanded layer). Copy ``k``'s gradient on rank ``r`` is ``p_k * g_r``;
-  the average over ranks is ``p_k * mean_r g_r``: the same update as one process on the global
-  batch (equal up to floating-point summation order), and the copies stay bit-identical across
-  ranks. Cost: ``e`` times the plain model's kernel-gradient traffic. (Reducing ``dL/dW`` once and
-  forming ``p_k * dL/dW`` on every rank would need a DDP comm hook; not implemented.)
+- **DDP moves the plain model's bytes.** On the fused path (``opt.path == "fused"``) the copies
+  take no gradient and DDP all-reduces each kernel's N-sized proxy gradient ``s * g_r``
+  (``s = sqrt(sum_k p_k^2)``, the same on every rank), so the average is ``s * mean_r g_r``: the
+  update of one process on the global batch (equal up to floating-point summation order), and the
+  copies stay bit-identical across ranks. On the generic path copy ``k``'s gradient is
+  ``p_k * g_r``; ``wrap_model(model, ctx, optimizer=opt)`` registers a comm hook
+  (:mod:`mkopt.comm_hook`) that all-reduces ``sum_k p_k * g_r = g_r`` and re-spreads
+  ``p_k * mean_r g_r``; without it DDP moves ``e`` times the plain model's kernel gradients.
 - **Build order:** ``model.to(device)`` (and ``channels_last``) → ``MKOptimizer(cls, model, ...)``
   → ``wrap_model(model, ctx)``. DDP sizes its gradient buckets when it is built; expanding a
   model that DDP already wraps breaks them (DDP then reports "parameters that were not used in
   producing loss"), so :class:`mkopt.MKOptimizer` refuses a DDP-wrapped module.
-- ``find_unused_parameters`` stays ``False``: every copy receives a gradient in the Dirichlet and
-  uniform modes. The adversarial modes run their probe pass inside ``ddp.no_sync()`` (its weight
+- ``find_unused_parameters`` stays ``False``: every copy (generic path) or proxy (fused path)
+  receives a gradient in the Dirichlet and uniform modes; the fused path's copies do not require one. The adversarial modes run their probe pass inside ``ddp.no_sync()`` (its weight
   gradients are discarded and the expanded kernels receive none), then
   :func:`average_probability_grads` so every rank ascends on the global batch's ``dL/dp``, then
   ``opt.ascend_probabilities(scaler)`` and the synchronized descent pass. (The closure form
@@ -134,10 +136,12 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-def wrap_model(model: nn.Module, ctx: DistributedContext, **ddp_kwargs: Any) -> nn.Module:
+def wrap_model(model: nn.Module, ctx: DistributedContext, optimizer: MKOptimizer | None = None, **ddp_kwargs: Any) -> nn.Module:
     """``DistributedDataParallel(model)`` on this rank's device when distributed, else ``model`` itself.
 
-    Build ``MKOptimizer`` (which expands the model) *before* calling this.
+    Build ``MKOptimizer`` (which expands the model) *before* calling this. Given that
+    ``optimizer`` and its generic path, registers :func:`mkopt.comm_hook.mk_allreduce_hook` so
+    that DDP moves N values per kernel, not e*N (the fused path moves N anyway).
 
     Example:
         >>> wrap_model(torch.nn.Linear(2, 2), DistributedContext()).__class__.__name__
@@ -152,7 +156,12 @@ def wrap_model(model: nn.Module, ctx: DistributedContext, **ddp_kwargs: Any) -> 
             "move the model with model.to(ctx.device) before building MKOptimizer and wrapping it"
         )
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, **ddp_kwargs)
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, **ddp_kwargs)
+    if optimizer is not None and optimizer.path == "generic":
+        from .comm_hook import register_mk_comm_hook
+
+        register_mk_comm_hook(ddp, optimizer)
+    return ddp
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -1,9 +1,10 @@
 """Rank body for tests/test_distributed.py (spawned twice with torch.multiprocessing, gloo on CPU).
 
 Each rank joins through a faked submitit/SLURM environment (the path ``setup_distributed`` takes in
-a submitit job), trains the same float64 model under DDP on its half of every global batch in the
-Dirichlet and the Adv-MK modes, and saves its parameters; rank 0 also trains the reference: one
-process, the full batch, no DDP. Then both ranks rejoin through torchrun's variables.
+a submitit job), trains the same float64 model under DDP on its half of every global batch — MK on
+the fused path, MK on the generic path with mkopt's comm hook, Adv-MK (generic, hook), and the plain
+model — counts the bytes handed to ``all_reduce``, and saves its parameters; rank 0 also trains the
+reference: one process, the full batch, no DDP. Then both ranks rejoin through torchrun's variables.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
 import mkopt
 from mkopt.distributed import average_probability_grads, cleanup, setup_distributed, wrap_model
 
@@ -24,12 +27,27 @@ GLOBAL_BATCH = 16
 STEPS = 5
 
 
-def build(mode: str) -> tuple[nn.Module, mkopt.MKOptimizer]:
+VARIANTS = {"fused": ("dirichlet", "fused"), "generic": ("dirichlet", "generic"), "adv-mk": ("adv-mk", "generic"), "plain": None}
+SENT: list[int] = []  # bytes handed to all_reduce by the DDP hooks in this process
+
+
+def counting_all_reduce(original):
+    def all_reduce(tensor, *args, **kwargs):
+        SENT.append(tensor.numel() * tensor.element_size())
+        return original(tensor, *args, **kwargs)
+
+    return all_reduce
+
+
+def build(variant: str) -> tuple[nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)).double()
-    opt = mkopt.MKOptimizer(
-        torch.optim.SGD, model, e=3, seed=7, probabilities=mode, sampler_compile=False, lr=0.05, momentum=0.9, weight_decay=1e-3
-    )
+    kwargs = dict(lr=0.05, momentum=0.9, weight_decay=1e-3)
+    if VARIANTS[variant] is None:
+        return model, torch.optim.SGD(model.parameters(), **kwargs)
+    mode, path = VARIANTS[variant]
+    opt = mkopt.MKOptimizer(torch.optim.SGD, model, e=3, seed=7, probabilities=mode, sampler_compile=False, path=path, **kwargs)
+    assert opt.path == path
     return model, opt
 
 
@@ -38,9 +56,9 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(GLOBAL_BATCH, 2, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (GLOBAL_BATCH,), generator=g)
 
 
-def train_step(model: nn.Module, opt: mkopt.MKOptimizer, x: torch.Tensor, y: torch.Tensor, ddp: bool) -> None:
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, ddp: bool) -> None:
     opt.zero_grad()
-    if opt.adversarial:
+    if getattr(opt, "adversarial", False):
         with model.no_sync() if ddp else contextlib.nullcontext():  # probe: no weight-gradient all-reduce
             F.cross_entropy(model(x), y).backward()
         if ddp:
@@ -50,18 +68,27 @@ def train_step(model: nn.Module, opt: mkopt.MKOptimizer, x: torch.Tensor, y: tor
     opt.step()
 
 
-def train(mode: str, rank: int | None, world: int) -> list[torch.Tensor]:
-    """rank=None: the single-process reference on the full batch."""
-    model, opt = build(mode)
-    wrapped = model if rank is None else wrap_model(model, setup_distributed())
+def train(variant: str, rank: int | None, world: int) -> tuple[list[torch.Tensor], int]:
+    """rank=None: the single-process reference on the full batch. Also returns the bytes all-reduced per step."""
+    model, opt = build(variant)
+    if rank is None:
+        wrapped = model
+    elif isinstance(opt, mkopt.MKOptimizer):
+        wrapped = wrap_model(model, setup_distributed(), optimizer=opt)  # the generic path gets mkopt's hook
+        if opt.path == "fused":  # DDP's own reduction, made visible to the byte count
+            wrapped.register_comm_hook(None, default_hooks.allreduce_hook)
+    else:
+        wrapped = wrap_model(model, setup_distributed())
+        wrapped.register_comm_hook(None, default_hooks.allreduce_hook)
+    SENT.clear()
     for step in range(STEPS):
         x, y = batch(step)
         if rank is not None:
             half = GLOBAL_BATCH // world
             x, y = x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half]
         train_step(wrapped, opt, x, y, ddp=rank is not None)
-    assert opt.mk_step == STEPS
-    return [p.detach().clone() for p in model.parameters()]
+    assert getattr(opt, "mk_step", STEPS) == STEPS
+    return [p.detach().clone() for p in model.parameters()], sum(SENT) // STEPS
 
 
 def run(rank: int, world: int, ports: tuple[int, int], out: str) -> None:
@@ -73,10 +100,11 @@ def run(rank: int, world: int, ports: tuple[int, int], out: str) -> None:
     )  # fmt: skip
     ctx = setup_distributed()
     result: dict = {"submitit": (ctx.rank, ctx.world_size, ctx.local_rank, ctx.backend, ctx.source, str(ctx.device))}
-    for mode in ("dirichlet", "adv-mk"):
-        result[mode] = train(mode, rank, world)
+    dist.all_reduce = counting_all_reduce(dist.all_reduce)
+    for variant in VARIANTS:
+        result[variant], result[variant + "-bytes"] = train(variant, rank, world)
         if rank == 0:
-            result[mode + "-reference"] = train(mode, None, world)
+            result[variant + "-reference"] = train(variant, None, world)[0]
     wrapped = nn.parallel.DistributedDataParallel(nn.Linear(2, 2))
     try:
         mkopt.MKOptimizer(torch.optim.SGD, wrapped, e=3, lr=0.1)

@@ -46,20 +46,32 @@ def test_ranks_come_from_submitit_then_torchrun_variables(ranks):
         assert result["torchrun"] == (r, WORLD, r, "gloo", "torchrun", "cpu")
 
 
-@pytest.mark.parametrize("mode", ["dirichlet", "adv-mk"])
-def test_copies_stay_bitwise_identical_across_ranks(ranks, mode):
-    for a, b in zip(ranks[0][mode], ranks[1][mode]):
+MK_VARIANTS = ["fused", "generic", "adv-mk"]
+
+
+@pytest.mark.parametrize("variant", MK_VARIANTS)
+def test_copies_stay_bitwise_identical_across_ranks(ranks, variant):
+    for a, b in zip(ranks[0][variant], ranks[1][variant]):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("mode", ["dirichlet", "adv-mk"])
-def test_two_ranks_give_the_update_of_one_process_on_the_global_batch(ranks, mode):
+@pytest.mark.parametrize("variant", MK_VARIANTS)
+def test_two_ranks_give_the_update_of_one_process_on_the_global_batch(ranks, variant):
     # Not bit-exact: DDP averages two half-batch means, one process takes one mean over 16 samples,
     # so the gradients differ by float64 rounding (~1e-16 relative); 5 steps keep that tiny.
-    for ddp, single in zip(ranks[0][mode], ranks[0][mode + "-reference"]):
+    for ddp, single in zip(ranks[0][variant], ranks[0][variant + "-reference"]):
         assert ddp.shape == single.shape
         torch.testing.assert_close(ddp, single, rtol=1e-12, atol=1e-14)
-    assert not all(torch.equal(a, b) for a, b in zip(ranks[0]["dirichlet"], ranks[0]["adv-mk"]))  # modes differ
+    assert not all(torch.equal(a, b) for a, b in zip(ranks[0]["generic"], ranks[0]["adv-mk"]))  # modes differ
+
+
+@pytest.mark.parametrize("variant", MK_VARIANTS)
+def test_mk_all_reduces_the_plain_models_bytes(ranks, variant):
+    plain = ranks[0]["plain-bytes"]
+    assert plain == 8 * (4 * 2 * 3 * 3 + 4 + 3 * 64 + 3)  # every float64 gradient of the plain model, once
+    # Adv-MK (generic path) also averages the probe's dL/dp: e values per kernel element
+    probe = 8 * 3 * (4 * 2 * 3 * 3 + 3 * 64) if variant == "adv-mk" else 0
+    assert ranks[0][variant + "-bytes"] == ranks[1][variant + "-bytes"] == plain + probe
 
 
 def test_mkoptimizer_refuses_a_ddp_wrapped_model(ranks):
