@@ -35,7 +35,7 @@ FUSED_OPTIMIZERS: dict[type[torch.optim.Optimizer], str] = {
     torch.optim.Adam: "adam",
     torch.optim.AdamW: "adam",
 }
-FUSED_MODES: tuple[str, ...] = ("dirichlet", "uniform")
+FUSED_MODES: tuple[str, ...] = ("dirichlet", "uniform", "adversarial", "adv-mk")
 
 
 def fused_path_blocker(optimizer_cls: type, probabilities: str, params: Iterable[torch.Tensor], e: int,
@@ -68,26 +68,44 @@ def fused_path_blocker(optimizer_cls: type, probabilities: str, params: Iterable
 
 
 class _ScaledProxy(torch.autograd.Function):
-    """Identity forward; backward returns ``sqrt(sum_k p_k^2) * dL/dW`` with this graph's ``p``."""
+    """Identity forward; backward returns ``s * dL/dW``, ``s = sqrt(sum_k p_k^2)`` with this graph's ``p``.
+
+    ``p`` is the stream's (regenerated from ``key``), or the adversarial step's (``norm`` holds its
+    ``s``, written by the ascent); an adversarial probe (``probe=True``) returns ``dL/dW`` itself.
+    """
 
     @staticmethod
-    def forward(ctx: Any, proxy: torch.Tensor, e: int, key: int, offset: int, uniform: bool, scale: float) -> torch.Tensor:
-        ctx.p_args = (e, key, offset, uniform, scale)
+    def forward(ctx: Any, proxy: torch.Tensor, e: int, key: int, offset: int, uniform: bool, scale: float,
+                norm: torch.Tensor | None, probe: bool) -> torch.Tensor:  # fmt: skip
+        ctx.p_args = (e, key, offset, uniform, scale, norm, probe)
         return proxy.view_as(proxy)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        e, key, offset, uniform, scale = ctx.p_args
-        out = grad.clone() if e == 1 else native.scale_grad(grad, e, key, offset, uniform)  # e = 1: p = 1, s = 1
+        e, key, offset, uniform, scale, norm, probe = ctx.p_args
+        if probe:  # the ascent reads dL/dW at the mean
+            return grad, None, None, None, None, None, None, None
+        if norm is not None:
+            out = grad * norm
+        else:
+            out = grad.clone() if e == 1 else native.scale_grad(grad, e, key, offset, uniform)  # e = 1: p = 1, s = 1
         if scale != 1.0:  # lr compensation (Lemma 4.3), as the generic path scales the copies' gradients
             out.mul_(scale)
-        return out, None, None, None, None, None
+        return out, None, None, None, None, None, None, None
 
 
-def scaled_proxy(proxy: torch.Tensor, slot: ProbabilitySlot, grad_scale: float = 1.0) -> torch.Tensor:
-    """What the training forward reads on the fused path: ``proxy``, with the gradient scaling above."""
+def scaled_proxy(proxy: torch.Tensor, slot: ProbabilitySlot, grad_scale: float = 1.0, norm: torch.Tensor | None = None) -> torch.Tensor:
+    """What the training forward reads on the fused path: ``proxy``, with the gradient scaling above.
+
+    ``norm``: the adversarial step's ``s`` (``None`` outside one); the sampler's ``fused_phase``
+    says whether this is an adversarial probe.
+    """
     sampler = slot.sampler
-    return _ScaledProxy.apply(proxy, sampler.e, sampler.seeds[slot.key], slot.offset, sampler.uniform, grad_scale)
+    phase = sampler.fused_phase
+    return _ScaledProxy.apply(
+        proxy, sampler.e, sampler.seeds[slot.key], slot.offset, sampler.uniform, grad_scale,
+        norm if phase == "adversarial" else None, phase == "probe",
+    )  # fmt: skip
 
 
 @dataclass(eq=False)
@@ -98,6 +116,9 @@ class FusedKernel:
     copies: torch.Tensor  # the [e, *shape] stack (parametrize's ``original``)
     proxy: nn.Parameter  # the N-sized weight the training forward reads
     slot: ProbabilitySlot
+    owners: list[nn.Module]  # the MajorityKernel parametrizations that read the proxy
+    probe: torch.Tensor | None = None  # adversarial modes: this step's probe gradient dL/dW
+    norm: torch.Tensor | None = None  # adversarial modes: s of this step's adversarial p
 
 
 def attach_proxies(expansion: Expansion) -> list[FusedKernel]:
@@ -110,11 +131,15 @@ def attach_proxies(expansion: Expansion) -> list[FusedKernel]:
     kernels = []
     for target, slot in zip(expansion.targets, expansion.sampler.slots):
         copies = target.param
+        if not copies.is_contiguous():
+            raise ValueError(f"the copies of {target.name!r} are not contiguous: the fused kernels need a contiguous [e, *shape] stack")
         proxy = nn.Parameter(torch.empty(copies.shape[1:], dtype=copies.dtype, device=copies.device))
-        for owner in target.owners:
-            owner.module.parametrizations[owner.attr][0].attach_proxy(proxy)
+        owners = [owner.module.parametrizations[owner.attr][0] for owner in target.owners]
+        for parametrization in owners:
+            parametrization.attach_proxy(proxy)
         copies.requires_grad_(False)
-        kernels.append(FusedKernel(target.name, copies, proxy, slot))
+        kernels.append(FusedKernel(target.name, copies, proxy, slot, owners))
+    expansion.sampler.fused_phase = "stream"
     return kernels
 
 
@@ -136,14 +161,26 @@ class FusedUpdate:
     """
 
     def __init__(self, expansion: Expansion, kernels: list[FusedKernel], optimizer: torch.optim.Optimizer,
-                 uniform: bool) -> None:  # fmt: skip
+                 probabilities: str) -> None:  # fmt: skip
         self.expansion = expansion
         self.kernels = kernels
         self.by_proxy = {id(k.proxy): k for k in kernels}
         self.optimizer = optimizer
         self.kind = FUSED_OPTIMIZERS[type(optimizer)]
-        self.grad_scale = 1.0  # lr compensation is applied to the proxy's gradient in backward
-        self.uniform = uniform
+        self.uniform = probabilities == "uniform"
+        self.adversarial = probabilities in ("adversarial", "adv-mk")
+        self.randomize = probabilities == "adv-mk"
+        self.ascent_step = 0.0  # eps / loss scale of this step's ascent
+        self.weights_are_mean = False  # the proxies hold the plain mean (an armed adversarial probe)
+
+    @property
+    def phase(self) -> str:
+        """``"stream"`` (Dirichlet or uniform p), ``"probe"`` or ``"adversarial"`` (the adversarial modes)."""
+        return self.expansion.sampler.fused_phase
+
+    @phase.setter
+    def phase(self, value: str) -> None:
+        self.expansion.sampler.fused_phase = value
 
     # -- the next weight ------------------------------------------------------------------
     def key(self, slot: ProbabilitySlot, step: int) -> int:
@@ -151,11 +188,66 @@ class FusedUpdate:
         return step_seed(self.expansion.sampler.seed, step, self.expansion.sampler.stream_of(slot.key))
 
     @torch.no_grad()
-    def write_weights(self, step: int) -> None:
+    def write_weights(self, step: int, uniform: bool | None = None) -> None:
         """``proxy = sum_k p_step,k W~_k`` for every kernel (after a load, a resume, a manual edit)."""
+        uniform = self.uniform if uniform is None else uniform
         for kernel in self.kernels:
             _write_contiguous(kernel.proxy, lambda out: native.mix_(
-                kernel.copies, out, self.key(kernel.slot, step), kernel.slot.offset, self.uniform))  # fmt: skip
+                kernel.copies, out, self.key(kernel.slot, step), kernel.slot.offset, uniform))  # fmt: skip
+        self.weights_are_mean = uniform
+
+    # -- adversarial probabilities (appendix B) ---------------------------------------------
+    def arm_probe(self, step: int) -> None:
+        """Start an adversarial step: the proxies hold the mean of the copies, backward yields ``dL/dW``."""
+        if not self.weights_are_mean:
+            self.write_weights(step, uniform=True)
+        for kernel in self.kernels:
+            kernel.probe = None
+        self.phase = "probe"
+
+    @torch.no_grad()
+    def ascend(self, step: int, ascent_step: float) -> None:
+        """B.1 / B.2 from the probe's ``dL/dW`` (the proxies' ``.grad``): write ``W_adv`` and its ``s``."""
+        self.ascent_step = ascent_step
+        for kernel in self.kernels:
+            probe = kernel.proxy.grad.to(kernel.proxy.dtype).contiguous()
+            if kernel.norm is None:
+                kernel.norm = torch.empty(kernel.proxy.shape, dtype=kernel.proxy.dtype, device=kernel.proxy.device)
+            args = self._adversarial_args(kernel, step, kernel.proxy.numel(), kernel.slot.offset)
+            _write_contiguous(kernel.proxy, lambda out: native.ascend_(args, kernel.copies, probe, out, kernel.norm))
+            kernel.probe = probe
+            kernel.slot.adversarial_p = lambda kernel=kernel, args=args: native.adversarial_probabilities(args, kernel.copies, kernel.probe)
+            for owner in kernel.owners:
+                owner.adversarial_norm = kernel.norm
+        self.weights_are_mean = False
+        self.phase = "adversarial"
+
+    def _adversarial_args(self, kernel: FusedKernel, step: int, n: int, offset: int) -> native.StepArgs:
+        return native.StepArgs(
+            n=n, offset=offset, key_now=self.key(kernel.slot, step) & (2**64 - 1), e=kernel.copies.shape[0],
+            adversarial=1, randomize=int(self.randomize), ascent_step=self.ascent_step,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def estimated_entropy(self, step: int, columns: int = 8192, chunks: int = 8) -> float:
+        """Mean normalized entropy of this step's adversarial ``p`` on at most ``columns`` elements per kernel
+        (``chunks`` evenly spaced runs), weighted by kernel size: a diagnostic, not worth a full pass."""
+        from .adversarial import normalized_entropy
+
+        total = weight = 0.0
+        for kernel in self.kernels:
+            n = kernel.proxy.numel()
+            run = max(1, min(n, columns // chunks))
+            starts = sorted({(n - run) * i // max(chunks - 1, 1) for i in range(chunks)}) if n > run else [0]
+            values = []
+            for start in starts:
+                copies = kernel.copies.reshape(kernel.copies.shape[0], -1)[:, start : start + run].contiguous()
+                probe = kernel.probe.reshape(-1)[start : start + run].contiguous()
+                args = self._adversarial_args(kernel, step, copies.shape[1], kernel.slot.offset + start)
+                values.append(float(normalized_entropy(native.adversarial_probabilities(args, copies, probe))))
+            total += sum(values) / len(values) * n
+            weight += n
+        return total / weight
 
     # -- the step --------------------------------------------------------------------------
     def step(self, step: int, closure: Any = None) -> Any:
@@ -164,6 +256,8 @@ class FusedUpdate:
         if closure is not None:  # as torch's optimizers do: the closure first, then the update
             with torch.enable_grad():
                 loss = closure()
+        if self.adversarial and self.phase != "adversarial":
+            raise RuntimeError("an adversarial step needs its ascent first: opt.ascend_probabilities() before opt.step()")
         with self._proxy_grads_hidden() as grads:
             self.optimizer.step()
         with torch.no_grad():
@@ -172,6 +266,9 @@ class FusedUpdate:
                     kernel = self.by_proxy.get(id(param))
                     if kernel is not None:
                         self._step_kernel(kernel, group, grads.get(id(param)), step)
+        if self.adversarial:
+            self.weights_are_mean = True
+            self.phase = "probe"
         return loss
 
     @contextmanager
@@ -194,12 +291,17 @@ class FusedUpdate:
             raise RuntimeError(f"{kernel.name!r} has a sparse gradient: MK kernels need dense gradients")
         proxy, copies, slot = kernel.proxy, kernel.copies, kernel.slot
         e = copies.shape[0]
+        if self.adversarial and (self.phase != "adversarial" or kernel.probe is None):
+            raise RuntimeError("an adversarial step needs its ascent first: opt.ascend_probabilities() before opt.step()")
         args = native.StepArgs(
             n=proxy.numel(), offset=slot.offset, key_now=self.key(slot, step) & (2**64 - 1),
             key_next=self.key(slot, step + 1) & (2**64 - 1), e=e, uniform=int(self.uniform),
             has_grad=int(grad is not None), maximize=int(group.get("maximize", False)), lr=float(group["lr"]),
-            weight_decay=float(group.get("weight_decay", 0.0)), grad_scale=self.grad_scale,
+            weight_decay=float(group.get("weight_decay", 0.0)), grad_scale=1.0,  # lr compensation: in backward
+            adversarial=int(self.adversarial), randomize=int(self.randomize), ascent_step=self.ascent_step,
+            uniform_next=int(self.adversarial),  # the next adversarial step starts from its probe at the mean
         )  # fmt: skip
+        probe = kernel.probe if self.adversarial else None
         grad_flat = None if grad is None else grad.to(proxy.dtype).contiguous()
         if self.kind == "sgd":
             momentum = float(group.get("momentum", 0.0))
@@ -214,7 +316,8 @@ class FusedUpdate:
                 args.momentum, args.dampening, args.nesterov = momentum, float(group["dampening"]), int(group["nesterov"])
             elif momentum != 0:
                 buffer = state.get("momentum_buffer")  # untouched without a gradient; only W is rewritten
-            _write_contiguous(proxy, lambda out: native.sgd_(args, copies, out, grad_flat, buffer))
+            _write_contiguous(proxy, lambda out: native.sgd_(args, copies, out, grad_flat, buffer, probe))
+            self._after_kernel_step(kernel)
             return
         state = self.optimizer.state[proxy]
         _check_state(kernel, state)
@@ -238,7 +341,13 @@ class FusedUpdate:
         max_sq = state.get("max_exp_avg_sq") if amsgrad else None
         if amsgrad and max_sq is None:
             max_sq = state["max_exp_avg_sq"] = torch.zeros_like(copies, memory_format=torch.contiguous_format)
-        _write_contiguous(proxy, lambda out: native.adam_(args, copies, out, grad_flat, state["exp_avg"], state["exp_avg_sq"], max_sq))
+        _write_contiguous(proxy, lambda out: native.adam_(args, copies, out, grad_flat, state["exp_avg"], state["exp_avg_sq"], max_sq, probe))
+        self._after_kernel_step(kernel)
+
+    def _after_kernel_step(self, kernel: FusedKernel) -> None:
+        if self.adversarial:  # the proxy now holds the mean: the next step's probe is armed
+            kernel.probe = None
+            kernel.slot.adversarial_p = None
 
 
 def _check_state(kernel: FusedKernel, state: dict[str, Any]) -> None:

@@ -140,7 +140,7 @@ class MKOptimizer(torch.optim.Optimizer):
             kernels = attach_proxies(self.expansion)
             groups = _with_proxies(groups, {id(k.copies): k.proxy for k in kernels}, {id(k.proxy) for k in kernels})
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
-            self._fused = FusedUpdate(self.expansion, kernels, self.optimizer, uniform=probabilities == "uniform")
+            self._fused = FusedUpdate(self.expansion, kernels, self.optimizer, probabilities)
             # the proxies are a function of the copies: loading the model's state_dict rewrites them
             this = weakref.ref(self)
             model.register_load_state_dict_post_hook(lambda module, keys: _rewrite_weights(this))
@@ -209,9 +209,13 @@ class MKOptimizer(torch.optim.Optimizer):
                 f"probabilities={self.probabilities!r} takes two passes per step: call opt.step(closure), or run the "
                 "probe forward/backward, then opt.ascend_probabilities(), then the forward/backward to descend, then opt.step()"
             )
+        return self._descend(closure)
+
+    def _descend(self, closure: Callable[[], Any] | None = None) -> Any:
+        """The update itself, then the next step's probabilities (fused: the kernels wrote the next W)."""
         if self._fused is not None:
-            loss = self._fused.step(self.mk_step, closure)  # also writes the next step's weights
-            self.expansion.sampler.draw(self.mk_step + 1)  # keys only: no p is stored on this path
+            loss = self._fused.step(self.mk_step, closure)
+            self._prepare(self.mk_step + 1, weights_written=True)
             return loss
         loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
         self._prepare(self.mk_step + 1)
@@ -229,8 +233,7 @@ class MKOptimizer(torch.optim.Optimizer):
                 closure()
         finally:
             self._in_closure_step = False
-        self.optimizer.step()
-        self._prepare(self.mk_step + 1)
+        self._descend()
         return loss
 
     def ascend_probabilities(self, scaler: torch.amp.GradScaler | None = None) -> None:
@@ -267,7 +270,7 @@ class MKOptimizer(torch.optim.Optimizer):
                 "forward/backward, then ascend_probabilities() once"
             )
         sampler = self.expansion.sampler
-        grads = [view.grad for view in sampler.views]
+        grads = [k.proxy.grad for k in self._fused.kernels] if self._fused is not None else [view.grad for view in sampler.views]
         if any(g is None for g in grads):
             raise RuntimeError(
                 "no gradient reached p: run the probe forward/backward in training mode between opt.zero_grad() "
@@ -282,9 +285,16 @@ class MKOptimizer(torch.optim.Optimizer):
         for g in grads:  # one synchronization per device
             sums.setdefault(g.device, []).append(g.sum())
         finite = all(bool(torch.isfinite(torch.stack(s).sum())) for s in sums.values())
+        eps = self.adversarial_eps * inverse_scale if finite else 0.0
+        if self._fused is not None:  # one native pass per kernel writes W_adv; p_adv is recomputed by the update
+            self._fused.ascend(self.mk_step, eps)
+            self.last_p_entropy = self._fused.estimated_entropy(self.mk_step)
+            self.optimizer.zero_grad(set_to_none=True)
+            self._p_uniform = False
+            self._phase = "descent"
+            return
         with torch.no_grad():
             randomize = self.probabilities == "adv-mk"
-            eps = self.adversarial_eps * inverse_scale if finite else 0.0
             sampler.draw(self.mk_step, fill=False)  # this step's keys: the kernel regenerates B.2's Dirichlet draw
             for slot, grad in zip(sampler.slots, grads):
                 view = slot.view
@@ -309,12 +319,19 @@ class MKOptimizer(torch.optim.Optimizer):
         if self.adversarial and not self._in_closure_step and not self._collapsed:
             self._arm_probe()
 
-    def _prepare(self, step: int) -> None:
-        """Probabilities for step ``step``: drawn, uniform, or armed for the adversarial probe."""
+    def _prepare(self, step: int, weights_written: bool = False) -> None:
+        """Probabilities for step ``step``: drawn, uniform, or armed for the adversarial probe.
+
+        Fused path: only the stream keys are set (no ``p`` is stored) and the proxies get the
+        step's weights, unless the update kernels just wrote them (``weights_written``).
+        """
         sampler = self.expansion.sampler
         if self._fused is not None:
             sampler.draw(step)  # keys only
-            self._fused.write_weights(step)
+            if self.adversarial:
+                self._arm_probe()
+            elif not weights_written:
+                self._fused.write_weights(step)
         elif self.probabilities == "dirichlet":
             sampler.draw(step)
         elif self.probabilities == "uniform":
@@ -324,6 +341,11 @@ class MKOptimizer(torch.optim.Optimizer):
             self._arm_probe()
 
     def _arm_probe(self) -> None:
+        if self._fused is not None:
+            self._fused.arm_probe(self.mk_step)
+            self._p_uniform = True
+            self._phase = "probe"
+            return
         sampler = self.expansion.sampler
         if not (self._phase == "probe" and sampler.step == self.mk_step and getattr(self, "_p_uniform", False)):
             sampler.fill_uniform(self.mk_step)  # skipped when already armed and untouched: no second fill

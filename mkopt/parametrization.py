@@ -103,6 +103,7 @@ class MajorityKernel(nn.Module):
         self.tied = tied
         self.grad_scale = 1.0  # set by MKOptimizer(lr_compensation=True)
         self.register_parameter("proxy", None)  # the fused path's N-sized weight (see mkopt.fused_step)
+        self.adversarial_norm: torch.Tensor | None = None  # the fused path's s of this step's adversarial p
 
     def attach_proxy(self, proxy: nn.Parameter | None) -> None:
         """Make the training forward read ``proxy`` (the fused path), or mix the copies again (``None``).
@@ -149,7 +150,7 @@ class MajorityKernel(nn.Module):
         if self.proxy is not None:
             from .fused_step import scaled_proxy  # the fused path: W was written by the last step
 
-            return scaled_proxy(self.proxy, self.slot, self.grad_scale)
+            return scaled_proxy(self.proxy, self.slot, self.grad_scale, self.adversarial_norm)
         if self._regenerated:
             slot = self.slot
             sampler = slot.sampler

@@ -17,6 +17,7 @@ the last bit).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -91,6 +92,7 @@ class ProbabilitySlot:
     shape: torch.Size
     view: torch.Tensor
     offset_tensor: torch.Tensor
+    adversarial_p: Any = None  # the fused path's adversarial step: a callable returning this step's p
 
     @property
     def device(self) -> torch.device:
@@ -110,7 +112,9 @@ class ProbabilitySlot:
         if not sampler.regenerate:
             return self.view
         shape = (sampler.e, *self.shape)
-        if sampler.uniform:
+        if sampler.fused_phase == "adversarial" and self.adversarial_p is not None:
+            return self.adversarial_p().view(shape)
+        if sampler.uniform or sampler.fused_phase == "probe":
             return torch.full(shape, 1.0 / sampler.e, device=self.key.device, dtype=self.key.dtype)
         if self.key.device.type == "cpu" and sampler.e <= MAX_SPACINGS_E:
             from . import native  # the same values, bit for bit, without compiling a kernel
@@ -155,6 +159,7 @@ class DirichletSampler:
         self.keys: dict[BufferKey, torch.Tensor] = {}
         self.seeds: dict[BufferKey, int] = {}  # the same keys as Python ints (the fused path's kernels)
         self.uniform = False  # the fused path's uniform mode: p = 1/e without a buffer
+        self.fused_phase = "stream"  # the fused path: "stream", or an adversarial "probe" / "adversarial" pass
         self._constants: dict[torch.device, torch.Tensor] = {}
         self.step: int | None = None
 

@@ -25,7 +25,7 @@ def data(dtype=torch.float64, seed=1):
 
 
 def test_grad_p_equals_autograd_on_an_explicit_p_leaf():
-    model, opt = make()
+    model, opt = make(path="generic")  # the generic path's dL/dp (the fused path's ascent: tests/test_fused_path.py)
     x, y = data()
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()  # probe pass at p = 1/e
@@ -124,11 +124,11 @@ def test_grad_scaler_loop_with_an_overflowing_step(mode):
     for _ in range(3):
         iteration(False)
     assert opt.mk_step == 3
-    weights = [p.detach().clone() for p in model.parameters()]
-    state = copy.deepcopy(opt.optimizer.state_dict())
+    weights = copy.deepcopy(model.state_dict())  # copies and plain parameters (not the fused path's proxies,
+    state = copy.deepcopy(opt.optimizer.state_dict())  # which hold the ascent's W until the next probe is armed)
     iteration(True)
     assert opt.mk_step == 3  # skipped: no parameter, state or step counter moved
-    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(weights.values(), model.state_dict().values()))
     assert all(torch.equal(a["momentum_buffer"], b["momentum_buffer"]) if a.get("momentum_buffer") is not None else True
                for a, b in zip(state["state"].values(), opt.optimizer.state_dict()["state"].values()))
     iteration(False)  # the next step starts a clean probe

@@ -46,7 +46,7 @@ def test_ranks_come_from_submitit_then_torchrun_variables(ranks):
         assert result["torchrun"] == (r, WORLD, r, "gloo", "torchrun", "cpu")
 
 
-MK_VARIANTS = ["fused", "generic", "adv-mk"]
+MK_VARIANTS = ["fused", "generic", "adv-mk", "adv-mk-fused"]
 
 
 @pytest.mark.parametrize("variant", MK_VARIANTS)
@@ -63,14 +63,16 @@ def test_two_ranks_give_the_update_of_one_process_on_the_global_batch(ranks, var
         assert ddp.shape == single.shape
         torch.testing.assert_close(ddp, single, rtol=1e-12, atol=1e-14)
     assert not all(torch.equal(a, b) for a, b in zip(ranks[0]["generic"], ranks[0]["adv-mk"]))  # modes differ
+    for fused, generic in zip(ranks[0]["adv-mk-fused"], ranks[0]["adv-mk"], strict=True):  # the paths agree (rounding)
+        torch.testing.assert_close(fused, generic, rtol=1e-10, atol=1e-13)
 
 
 @pytest.mark.parametrize("variant", MK_VARIANTS)
 def test_mk_all_reduces_the_plain_models_bytes(ranks, variant):
     plain = ranks[0]["plain-bytes"]
     assert plain == 8 * (4 * 2 * 3 * 3 + 4 + 3 * 64 + 3)  # every float64 gradient of the plain model, once
-    # Adv-MK (generic path) also averages the probe's dL/dp: e values per kernel element
-    probe = 8 * 3 * (4 * 2 * 3 * 3 + 3 * 64) if variant == "adv-mk" else 0
+    # Adv-MK also averages its probe: dL/dp on the generic path (e values per kernel element), dL/dW on the fused (1)
+    probe = {"adv-mk": 8 * 3 * (4 * 2 * 3 * 3 + 3 * 64), "adv-mk-fused": 8 * (4 * 2 * 3 * 3 + 3 * 64)}.get(variant, 0)
     assert ranks[0][variant + "-bytes"] == ranks[1][variant + "-bytes"] == plain + probe
 
 

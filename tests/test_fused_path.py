@@ -289,8 +289,7 @@ def test_path_choice_and_its_errors():
     assert mkopt.MKOptimizer(torch.optim.SGD, make_model(), e=3, lr=1e-3).path == "fused"
     with pytest.raises(ValueError, match=r"path='fused' cannot run here: RMSprop has no fused MK kernel"):
         mkopt.MKOptimizer(torch.optim.RMSprop, make_model(), e=3, lr=1e-3, path="fused")
-    with pytest.raises(ValueError, match=r"probabilities='adv-mk' needs the generic path"):
-        mkopt.MKOptimizer(torch.optim.SGD, make_model(), e=3, lr=1e-3, path="fused", probabilities="adv-mk")
+    assert mkopt.MKOptimizer(torch.optim.SGD, make_model(), e=3, lr=1e-3, probabilities="adv-mk").path == "fused"
     with pytest.raises(ValueError, match=r"path='fast' is unknown"):
         mkopt.MKOptimizer(torch.optim.SGD, make_model(), e=3, lr=1e-3, path="fast")
     with pytest.raises(ValueError, match=r"float16"):
@@ -326,3 +325,67 @@ def test_unused_kernel_keeps_copies_and_state_but_follows_p():
     assert torch.equal(model[4].parametrizations.weight.original, stack)
     assert torch.equal(opt.state[model[4].parametrizations.weight[0].proxy]["momentum_buffer"], buffer)
     torch.testing.assert_close(model[4].weight, (model[4].parametrizations.weight[0].p * stack).sum(0), rtol=1e-14, atol=1e-15)
+
+
+ADVERSARIAL_CASES = [("adv-mk", "replicate", 100.0), ("adversarial", "independent", 30.0), ("adv-mk", "independent", 1e4)]
+
+
+@pytest.mark.parametrize("mode,init,eps", ADVERSARIAL_CASES)
+@pytest.mark.parametrize("case", ["sgd-nesterov", "adamw"])
+def test_adversarial_modes_fused_equal_generic_with_the_closure(case, mode, init, eps):
+    cls, kwargs = CASES[case]
+    runs = {}
+    for path in ("fused", "generic"):
+        model = make_model()
+        opt = mkopt.MKOptimizer(cls, model, e=3, path=path, probabilities=mode, init=init, adversarial_eps=eps, **kwargs)
+        entropies = []
+        for micro in batches(torch.float64, 8, micro=1):
+            x, y = micro[0]
+
+            def closure():
+                opt.zero_grad()
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+            entropies.append(opt.last_p_entropy)
+        runs[path] = (model, opt, entropies)
+    assert_close_states(runs["fused"][:2], runs["generic"][:2], rtol=1e-6)
+    assert runs["fused"][2] == pytest.approx(runs["generic"][2], rel=1e-9)  # small tensors: the estimate sees every element
+    assert min(runs["fused"][2]) < 0.999  # the ascent moved p away from uniform
+
+
+def test_adversarial_fused_two_call_form_with_grad_scaler_matches_generic():
+    runs = {}
+    for path in ("fused", "generic"):
+        model = make_model(torch.float32)
+        opt = mkopt.MKOptimizer(torch.optim.Adam, model, e=3, path=path, probabilities="adv-mk", adversarial_eps=1e4, lr=1e-2)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**6)
+        for micro in batches(torch.float32, 5, micro=1):
+            x, y = micro[0]
+            opt.zero_grad()
+            scaler.scale(F.cross_entropy(model(x), y)).backward()  # probe at the mean
+            opt.ascend_probabilities(scaler)
+            layer = model[0]
+            torch.testing.assert_close(layer.weight, (layer.parametrizations.weight[0].p * layer.parametrizations.weight.original).sum(0))
+            scaler.scale(F.cross_entropy(model(x), y)).backward()
+            scaler.unscale_(opt)
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            scaler.step(opt)
+            scaler.update()
+        assert opt.mk_step == 5
+        runs[path] = (model, opt)
+    assert_close_states(runs["fused"], runs["generic"], rtol=2e-4)
+
+
+def test_adversarial_fused_probe_reads_the_mean_and_step_needs_the_ascent():
+    model = make_model()
+    opt = mkopt.MKOptimizer(torch.optim.SGD, model, e=3, path="fused", probabilities="adv-mk", lr=0.1)
+    x, y = batches(torch.float64, 1)[0][0]
+    opt.zero_grad()
+    stack = model[0].parametrizations.weight.original
+    torch.testing.assert_close(model[0].weight, stack.mean(0), rtol=1e-15, atol=1e-15)
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="takes two passes per step"):
+        opt.step()

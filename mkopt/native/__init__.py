@@ -75,6 +75,10 @@ class StepArgs(ctypes.Structure):
         ("bias2_sqrt", ctypes.c_double),
         ("amsgrad", ctypes.c_int32),
         ("decoupled", ctypes.c_int32),
+        ("adversarial", ctypes.c_int32),
+        ("randomize", ctypes.c_int32),
+        ("ascent_step", ctypes.c_double),
+        ("uniform_next", ctypes.c_int32),
     ]
 
 
@@ -152,9 +156,11 @@ def _declare(library: ctypes.CDLL) -> None:
         getattr(library, f"mk_probabilities_{suffix}").argtypes = [i32, i64, i64, u64, i32, ptr]
         getattr(library, f"mk_mix_{suffix}").argtypes = [i32, i64, i64, u64, i32, ptr, ptr]
         getattr(library, f"mk_scale_grad_{suffix}").argtypes = [i32, i64, i64, u64, i32, ptr, ptr]
-        getattr(library, f"mk_sgd_{suffix}").argtypes = [args, ptr, ptr, ptr, ptr]
-        getattr(library, f"mk_adam_{suffix}").argtypes = [args, ptr, ptr, ptr, ptr, ptr, ptr]
-        for name in ("probabilities", "mix", "scale_grad", "sgd", "adam"):
+        getattr(library, f"mk_sgd_{suffix}").argtypes = [args, ptr, ptr, ptr, ptr, ptr]
+        getattr(library, f"mk_adam_{suffix}").argtypes = [args, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
+        getattr(library, f"mk_ascend_{suffix}").argtypes = [args, ptr, ptr, ptr, ptr]
+        getattr(library, f"mk_adversarial_probabilities_{suffix}").argtypes = [args, ptr, ptr, ptr]
+        for name in ("probabilities", "mix", "scale_grad", "sgd", "adam", "ascend", "adversarial_probabilities"):
             getattr(library, f"mk_{name}_{suffix}").restype = None
 
 
@@ -223,15 +229,32 @@ def scale_grad(grad: torch.Tensor, e: int, key: int, offset: int, uniform: bool 
     return out
 
 
-def sgd_(args: StepArgs, copies: torch.Tensor, w: torch.Tensor, grad: torch.Tensor | None, momentum_buffer: torch.Tensor | None) -> None:
-    """One fused MK-SGD update of ``copies`` (and ``momentum_buffer``), writing the next ``w``."""
-    _function("sgd", copies.dtype)(ctypes.byref(args), copies.data_ptr(), w.data_ptr(), _pointer(grad), _pointer(momentum_buffer))
+def sgd_(args: StepArgs, copies: torch.Tensor, w: torch.Tensor, grad: torch.Tensor | None, momentum_buffer: torch.Tensor | None,
+         probe: torch.Tensor | None = None) -> None:  # fmt: skip
+    """One fused MK-SGD update of ``copies`` (and ``momentum_buffer``), writing the next ``w``.
+
+    ``probe``: the adversarial modes' probe gradient ``dL/dW`` (``args.adversarial``)."""
+    _function("sgd", copies.dtype)(
+        ctypes.byref(args), copies.data_ptr(), w.data_ptr(), _pointer(grad), _pointer(momentum_buffer), _pointer(probe))
 
 
 def adam_(args: StepArgs, copies: torch.Tensor, w: torch.Tensor, grad: torch.Tensor | None, exp_avg: torch.Tensor,
-          exp_avg_sq: torch.Tensor, max_exp_avg_sq: torch.Tensor | None) -> None:  # fmt: skip
+          exp_avg_sq: torch.Tensor, max_exp_avg_sq: torch.Tensor | None, probe: torch.Tensor | None = None) -> None:  # fmt: skip
     """One fused MK-Adam(W) update of ``copies`` and the moments, writing the next ``w``."""
     _function("adam", copies.dtype)(
         ctypes.byref(args), copies.data_ptr(), w.data_ptr(), _pointer(grad), exp_avg.data_ptr(), exp_avg_sq.data_ptr(),
-        _pointer(max_exp_avg_sq),
+        _pointer(max_exp_avg_sq), _pointer(probe),
     )  # fmt: skip
+
+
+def ascend_(args: StepArgs, copies: torch.Tensor, probe: torch.Tensor, w: torch.Tensor, norm: torch.Tensor) -> None:
+    """Adversarial step: ``w = sum_k p_k W~_k`` and ``norm = sqrt(sum_k p_k^2)`` with ``p`` from ``probe`` (B.1/B.2)."""
+    _function("ascend", copies.dtype)(ctypes.byref(args), copies.data_ptr(), probe.data_ptr(), w.data_ptr(), norm.data_ptr())
+
+
+def adversarial_probabilities(args: StepArgs, copies: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
+    """The adversarial ``p`` (``[e, n]``, float32 or float64) the fused kernels use for ``args``."""
+    p_dtype = torch.float64 if copies.dtype == torch.float64 else torch.float32
+    out = torch.empty(args.e, args.n, dtype=p_dtype)
+    _function("adversarial_probabilities", copies.dtype)(ctypes.byref(args), copies.data_ptr(), probe.data_ptr(), out.data_ptr())
+    return out

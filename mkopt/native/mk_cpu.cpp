@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 namespace {
 
@@ -151,11 +152,95 @@ struct StepArgs {
   double bias2_sqrt;       // sqrt(1 - beta2^t)
   int32_t amsgrad;
   int32_t decoupled;       // AdamW's decoupled weight decay
+  // adversarial probabilities (appendix B): p_t from the probe's dL/dW instead of the stream
+  int32_t adversarial;     // 1: p_t = Normalize(1/e + ascent_step * W~_k * probe) (B.1)
+  int32_t randomize;       // B.2: mix in the stream's Dirichlet draw (key_now), weighted per element
+  double ascent_step;      // eps / loss scale; 0: p_t uniform (B.1) or the draw (B.2)
+  int32_t uniform_next;    // the next W is the mean (the next step's adversarial probe)
 };
 
 }  // extern "C"
 
 namespace {
+
+// Adversarial p of columns b0 .. b0 + len (mkopt/adversarial.py's ascend_, per element): q_k =
+// 1/e + step * W~_k * probe, clamped at 0 and normalized (all-zero columns uniform); B.2 then mixes
+// in the Dirichlet draw d with weight u = KL(q || uniform) / log e: p = u q + (1 - u) d.
+template <typename T, typename A>
+void adversarial_probabilities(const StepArgs& a, const T* copies, const T* probe, int64_t b0, int64_t len, A (*p)[BLOCK]) {
+  const int e = a.e;
+  const A base = A(1.0 / e);
+  const A step = A(a.ascent_step);
+  A total[BLOCK];
+  for (int k = 0; k < e; ++k) {
+    const T* c = copies + k * a.n + b0;
+    for (int64_t j = 0; j < len; ++j) {
+      A q = base;
+      if (a.ascent_step != 0) {
+        const A grad_p = A(Io<T, A>::load(c, j) * Io<T, A>::load(probe + b0, j));
+        q = grad_p * step + base;
+      }
+      q = q > A(0) ? q : A(0);
+      p[k][j] = q;
+      total[j] = k == 0 ? q : total[j] + q;
+    }
+  }
+  const A tiny = std::numeric_limits<A>::min();
+  for (int k = 0; k < e; ++k)
+    for (int64_t j = 0; j < len; ++j) p[k][j] = total[j] > A(0) ? p[k][j] / (total[j] > tiny ? total[j] : tiny) : base;
+  if (!a.randomize) return;
+  if (e == 1) return;
+  A drawn[MAX_E][BLOCK];
+  A kl[BLOCK];
+  probabilities<A>(e, a.key_now, a.offset + b0, len, false, drawn);
+  for (int k = 0; k < e; ++k)
+    for (int64_t j = 0; j < len; ++j) {
+      const A r = p[k][j];
+      const A term = r * std::log(r > tiny ? r : tiny);
+      kl[j] = k == 0 ? term : kl[j] + term;
+    }
+  const A log_e = A(std::log(double(e)));
+  for (int64_t j = 0; j < len; ++j) {
+    A u = (kl[j] + log_e) / log_e;
+    kl[j] = u < A(0) ? A(0) : (u > A(1) ? A(1) : u);
+  }
+  for (int k = 0; k < e; ++k)
+    for (int64_t j = 0; j < len; ++j) p[k][j] = kl[j] * p[k][j] + (A(1) - kl[j]) * drawn[k][j];
+}
+
+// p_t of one block: from the probe (adversarial modes) or from the stream.
+template <typename T, typename A>
+void step_probabilities(const StepArgs& a, const T* copies, const T* probe, int64_t b0, int64_t len, A (*p)[BLOCK]) {
+  if (a.adversarial) adversarial_probabilities<T, A>(a, copies, probe, b0, len, p);
+  else probabilities<A>(a.e, a.key_now, a.offset + b0, len, a.uniform, p);
+}
+
+// The adversarial step's weight W = sum_k p_k W~_k and s = sqrt(sum_k p_k^2) (its gradient's scale).
+template <typename T, typename A>
+void ascend(const StepArgs& a, const T* copies, const T* probe, T* w, T* norm) {
+  const int e = a.e;
+  const int64_t n = a.n;
+#pragma omp parallel for schedule(static)
+  for (int64_t b0 = 0; b0 < n; b0 += BLOCK) {
+    const int64_t len = n - b0 < BLOCK ? n - b0 : BLOCK;
+    A p[MAX_E][BLOCK];
+    A acc[BLOCK];
+    A sq[BLOCK];
+    adversarial_probabilities<T, A>(a, copies, probe, b0, len, p);
+    for (int k = 0; k < e; ++k) {
+      const T* c = copies + k * n + b0;
+      for (int64_t j = 0; j < len; ++j) {
+        const A term = p[k][j] * Io<T, A>::load(c, j);
+        acc[j] = k == 0 ? term : acc[j] + term;
+        sq[j] = k == 0 ? p[k][j] * p[k][j] : sq[j] + p[k][j] * p[k][j];
+      }
+    }
+    for (int64_t j = 0; j < len; ++j) {
+      Io<T, A>::store(w + b0, j, acc[j]);
+      Io<T, A>::store(norm + b0, j, std::sqrt(sq[j]));
+    }
+  }
+}
 
 template <typename T, typename A>
 void mix(int e, int64_t n, int64_t offset, uint64_t key, bool uniform, const T* copies, T* w) {
@@ -203,7 +288,7 @@ void per_copy_factor(const StepArgs& a, const T* grad, int64_t b0, int64_t len, 
 }
 
 template <typename T, typename A>
-void sgd(const StepArgs& a, T* copies, T* w, const T* grad, T* buf) {
+void sgd(const StepArgs& a, T* copies, T* w, const T* grad, T* buf, const T* probe) {
   const int e = a.e;
   const int64_t n = a.n;
   const A lr = A(a.lr), wd = A(a.weight_decay), mom = A(a.momentum), keep = A(1.0 - a.dampening);
@@ -214,7 +299,7 @@ void sgd(const StepArgs& a, T* copies, T* w, const T* grad, T* buf) {
     A acc[BLOCK];
     A factor[BLOCK];
     if (a.has_grad) {
-      probabilities<A>(e, a.key_now, a.offset + b0, len, a.uniform, p);
+      step_probabilities<T, A>(a, copies, probe, b0, len, p);
       per_copy_factor<T, A>(a, grad, b0, len, p, factor);
       for (int k = 0; k < e; ++k) {  // p[k] is read before row k of p is overwritten below
         T* c = copies + k * n + b0;
@@ -233,7 +318,7 @@ void sgd(const StepArgs& a, T* copies, T* w, const T* grad, T* buf) {
         }
       }
     }
-    probabilities<A>(e, a.key_next, a.offset + b0, len, a.uniform, p);
+    probabilities<A>(e, a.key_next, a.offset + b0, len, a.uniform || a.uniform_next, p);
     for (int k = 0; k < e; ++k) {
       const T* c = copies + k * n + b0;
       for (int64_t j = 0; j < len; ++j) {
@@ -246,7 +331,7 @@ void sgd(const StepArgs& a, T* copies, T* w, const T* grad, T* buf) {
 }
 
 template <typename T, typename A>
-void adam(const StepArgs& a, T* copies, T* w, const T* grad, T* exp_avg, T* exp_avg_sq, T* max_exp_avg_sq) {
+void adam(const StepArgs& a, T* copies, T* w, const T* grad, T* exp_avg, T* exp_avg_sq, T* max_exp_avg_sq, const T* probe) {
   const int e = a.e;
   const int64_t n = a.n;
   const A lr = A(a.lr), wd = A(a.weight_decay), beta2 = A(a.beta2), eps = A(a.eps);
@@ -260,7 +345,7 @@ void adam(const StepArgs& a, T* copies, T* w, const T* grad, T* exp_avg, T* exp_
     A acc[BLOCK];
     A factor[BLOCK];
     if (a.has_grad) {
-      probabilities<A>(e, a.key_now, a.offset + b0, len, a.uniform, p);
+      step_probabilities<T, A>(a, copies, probe, b0, len, p);
       per_copy_factor<T, A>(a, grad, b0, len, p, factor);
       for (int k = 0; k < e; ++k) {
         T* c = copies + k * n + b0;
@@ -288,7 +373,7 @@ void adam(const StepArgs& a, T* copies, T* w, const T* grad, T* exp_avg, T* exp_
         }
       }
     }
-    probabilities<A>(e, a.key_next, a.offset + b0, len, a.uniform, p);
+    probabilities<A>(e, a.key_next, a.offset + b0, len, a.uniform || a.uniform_next, p);
     for (int k = 0; k < e; ++k) {
       const T* c = copies + k * n + b0;
       for (int64_t j = 0; j < len; ++j) {
@@ -323,11 +408,25 @@ void adam(const StepArgs& a, T* copies, T* w, const T* grad, T* exp_avg, T* exp_
                                          const T* grad, T* out) {                                               \
     scale_grad<T, A>(e, n, offset, key, uniform != 0, grad, out);                                               \
   }                                                                                                             \
-  extern "C" void mk_sgd_##SUFFIX(const StepArgs* a, T* copies, T* w, const T* grad, T* buf) {                   \
-    sgd<T, A>(*a, copies, w, grad, buf);                                                                        \
+  extern "C" void mk_sgd_##SUFFIX(const StepArgs* a, T* copies, T* w, const T* grad, T* buf, const T* probe) {  \
+    sgd<T, A>(*a, copies, w, grad, buf, probe);                                                                 \
   }                                                                                                             \
-  extern "C" void mk_adam_##SUFFIX(const StepArgs* a, T* copies, T* w, const T* grad, T* m, T* v, T* vmax) {     \
-    adam<T, A>(*a, copies, w, grad, m, v, vmax);                                                                \
+  extern "C" void mk_adam_##SUFFIX(const StepArgs* a, T* copies, T* w, const T* grad, T* m, T* v, T* vmax,       \
+                                   const T* probe) {                                                            \
+    adam<T, A>(*a, copies, w, grad, m, v, vmax, probe);                                                         \
+  }                                                                                                             \
+  extern "C" void mk_ascend_##SUFFIX(const StepArgs* a, const T* copies, const T* probe, T* w, T* norm) {       \
+    ascend<T, A>(*a, copies, probe, w, norm);                                                                   \
+  }                                                                                                             \
+  extern "C" void mk_adversarial_probabilities_##SUFFIX(const StepArgs* a, const T* copies, const T* probe,     \
+                                                        A* out) {                                               \
+    _Pragma("omp parallel for schedule(static)") for (int64_t b0 = 0; b0 < a->n; b0 += BLOCK) {                 \
+      const int64_t len = a->n - b0 < BLOCK ? a->n - b0 : BLOCK;                                                \
+      A p[MAX_E][BLOCK];                                                                                        \
+      adversarial_probabilities<T, A>(*a, copies, probe, b0, len, p);                                           \
+      for (int k = 0; k < a->e; ++k)                                                                            \
+        for (int64_t j = 0; j < len; ++j) out[k * a->n + b0 + j] = p[k][j];                                     \
+    }                                                                                                           \
   }
 
 MK_ENTRY_POINTS(f32, float, float)
@@ -335,4 +434,4 @@ MK_ENTRY_POINTS(f64, double, double)
 MK_ENTRY_POINTS(bf16, bf16, float)
 
 extern "C" int mk_max_e() { return MAX_E; }
-extern "C" int mk_abi_version() { return 1; }
+extern "C" int mk_abi_version() { return 2; }
