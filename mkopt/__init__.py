@@ -8,12 +8,12 @@ Example:
     torch.Size([2, 4])
 """
 
-from .adversarial import PROBABILITY_MODES
 from .allocator import retain_freed_memory
 from .deploy import collapse, collapse_state_dict, deploy
 from .diagnostics import KernelCollapseWarning
 from .expand import Expansion, expand, expansion_of, is_expanded
 from .fused import mix_regenerated
+from .modes import PROBABILITY_MODES, ProbabilityMode, register_probability_mode
 from .optimizer import MKOptimizer
 from .parametrization import MajorityKernel, mean_of_copies, mix_copies
 from .sampling import DirichletSampler, fill_dirichlet_
@@ -22,6 +22,8 @@ from .targets import is_default_kernel, select_targets
 __all__ = [
     "MKOptimizer",
     "PROBABILITY_MODES",
+    "ProbabilityMode",
+    "register_probability_mode",
     "KernelCollapseWarning",
     "deploy",
     "collapse",

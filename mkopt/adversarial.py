@@ -25,8 +25,6 @@ import torch
 from .compiled import run_kernel
 from .sampling import probability_rows
 
-PROBABILITY_MODES: tuple[str, ...] = ("dirichlet", "uniform", "adversarial", "adv-mk")
-ADVERSARIAL_MODES: tuple[str, ...] = ("adversarial", "adv-mk")
 # Default ascent step on p. |dL/dp| = |W~ * dL/dW| is small (~1e-5 for the paper's MLPs on Fashion-MNIST), so eps
 # must be large for p to move at all; 100 is the largest value that cost no accuracy on Fashion-MNIST
 # (results/adversarial_eps.md); larger values damaged training there.

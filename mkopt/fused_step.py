@@ -28,6 +28,7 @@ from torch import nn
 
 from . import native
 from .expand import Expansion
+from .modes import ProbabilityMode
 from .sampling import ProbabilitySlot, step_seed
 
 FUSED_OPTIMIZERS: dict[type[torch.optim.Optimizer], str] = {
@@ -35,15 +36,13 @@ FUSED_OPTIMIZERS: dict[type[torch.optim.Optimizer], str] = {
     torch.optim.Adam: "adam",
     torch.optim.AdamW: "adam",
 }
-FUSED_MODES: tuple[str, ...] = ("dirichlet", "uniform", "adversarial", "adv-mk")
 
 
-def fused_path_blocker(optimizer_cls: type, probabilities: str, params: Iterable[torch.Tensor], e: int,
-                       optimizer_kwargs: dict[str, Any]) -> str | None:  # fmt: skip
+def fused_path_blocker(optimizer_cls: type, params: Iterable[torch.Tensor], e: int, optimizer_kwargs: dict[str, Any]) -> str | None:
     """Why the fused path cannot run for this setup, or ``None`` when it can.
 
     Example:
-        >>> fused_path_blocker(torch.optim.RMSprop, "dirichlet", [torch.zeros(2, 2)], 3, {}) is not None
+        >>> fused_path_blocker(torch.optim.RMSprop, [torch.zeros(2, 2)], 3, {}) is not None
         True
     """
     if optimizer_cls not in FUSED_OPTIMIZERS:
@@ -51,8 +50,6 @@ def fused_path_blocker(optimizer_cls: type, probabilities: str, params: Iterable
             f"{getattr(optimizer_cls, '__name__', optimizer_cls)} has no fused MK kernel (only exactly torch.optim.SGD, "
             "Adam and AdamW have; a subclass may change the step)"
         )
-    if probabilities not in FUSED_MODES:
-        return f"probabilities={probabilities!r} needs the generic path (the fused path runs {FUSED_MODES})"
     if optimizer_kwargs.get("differentiable"):
         return "differentiable=True needs the generic path (the fused kernels are not differentiable)"
     for param in params:
@@ -161,15 +158,15 @@ class FusedUpdate:
     """
 
     def __init__(self, expansion: Expansion, kernels: list[FusedKernel], optimizer: torch.optim.Optimizer,
-                 probabilities: str) -> None:  # fmt: skip
+                 mode: ProbabilityMode) -> None:  # fmt: skip
         self.expansion = expansion
         self.kernels = kernels
         self.by_proxy = {id(k.proxy): k for k in kernels}
         self.optimizer = optimizer
         self.kind = FUSED_OPTIMIZERS[type(optimizer)]
-        self.uniform = probabilities == "uniform"
-        self.adversarial = probabilities in ("adversarial", "adv-mk")
-        self.randomize = probabilities == "adv-mk"
+        self.uniform = mode.uniform
+        self.adversarial = mode.two_pass
+        self.randomize = mode.randomize
         self.ascent_step = 0.0  # eps / loss scale of this step's ascent
         self.weights_are_mean = False  # the proxies hold the plain mean (an armed adversarial probe)
 

@@ -16,6 +16,7 @@ from . import adversarial, native
 from .deploy import collapse
 from .diagnostics import copy_spread
 from .expand import Expansion, Init, expand
+from .modes import probability_mode
 from .fused_step import FusedUpdate, attach_proxies, detach_proxies, fused_path_blocker
 from .targets import TargetSpec, select_targets
 
@@ -105,14 +106,15 @@ class MKOptimizer(torch.optim.Optimizer):
                 f"model is wrapped in {type(model).__name__}, whose gradient buckets were sized for the unexpanded "
                 "tensors: build MKOptimizer on the bare model first, then wrap it (mkopt.distributed.wrap_model)"
             )
-        _check_mode(probabilities, adversarial_eps)
+        self.mode = probability_mode(probabilities)
+        _check_eps(adversarial_eps)
         if lr_compensation and not issubclass(optimizer_cls, torch.optim.SGD):
             raise ValueError(
                 f"lr_compensation=True rescales gradients, which changes the step only of optimizers linear in the "
                 f"gradient (torch.optim.SGD and subclasses); {optimizer_cls.__name__} is scale-invariant. Measured "
                 "effective factors for adaptive optimizers are in results/lr_compensation.md: raise their lr instead"
             )
-        if probabilities == "adversarial" and init == "replicate":
+        if not self.mode.replicate_ok and init == "replicate":
             raise ValueError(
                 "probabilities='adversarial' with init='replicate' never separates the copies: equal copies get equal "
                 "dL/dp, so p stays uniform and MK degenerates to plain training at lr/e. Use init='independent', or "
@@ -122,11 +124,11 @@ class MKOptimizer(torch.optim.Optimizer):
         self.probabilities = probabilities
         self.adversarial_eps = float(adversarial_eps)
         self.lr_compensation = bool(lr_compensation)
-        self.path = _choose_path(path, optimizer_cls, probabilities, model, targets, e, optimizer_kwargs)
+        self.path = _choose_path(path, optimizer_cls, model, targets, e, optimizer_kwargs)
         fused = self.path == "fused"
         self.expansion: Expansion = expand(
             model, e, targets=targets, init=init, seed=seed, sampler_compile=sampler_compile,
-            keep_p_buffer=probabilities != "dirichlet",  # uniform and adversarial p are not a stream
+            keep_p_buffer=not self.mode.regenerable,  # uniform and adversarial p are not a stream
             regenerate_p=True if fused else None,  # the native kernels regenerate p themselves
         )  # fmt: skip
         if lr_compensation:
@@ -136,11 +138,11 @@ class MKOptimizer(torch.optim.Optimizer):
         groups = model.parameters() if params is None else params
         self._fused: FusedUpdate | None = None
         if fused:
-            self.expansion.sampler.uniform = probabilities == "uniform"
+            self.expansion.sampler.uniform = self.mode.uniform
             kernels = attach_proxies(self.expansion)
             groups = _with_proxies(groups, {id(k.copies): k.proxy for k in kernels}, {id(k.proxy) for k in kernels})
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
-            self._fused = FusedUpdate(self.expansion, kernels, self.optimizer, probabilities)
+            self._fused = FusedUpdate(self.expansion, kernels, self.optimizer, self.mode)
             # the proxies are a function of the copies: loading the model's state_dict rewrites them
             this = weakref.ref(self)
             model.register_load_state_dict_post_hook(lambda module, keys: _rewrite_weights(this))
@@ -176,7 +178,7 @@ class MKOptimizer(torch.optim.Optimizer):
 
     @property
     def adversarial(self) -> bool:
-        return self.probabilities in adversarial.ADVERSARIAL_MODES
+        return self.mode.two_pass
 
     def trained_parameters(self) -> int:
         """How many values are trained: ``e`` copies of every kernel plus every other parameter.
@@ -294,7 +296,7 @@ class MKOptimizer(torch.optim.Optimizer):
             self._phase = "descent"
             return
         with torch.no_grad():
-            randomize = self.probabilities == "adv-mk"
+            randomize = self.mode.randomize
             sampler.draw(self.mk_step, fill=False)  # this step's keys: the kernel regenerates B.2's Dirichlet draw
             for slot, grad in zip(sampler.slots, grads):
                 view = slot.view
@@ -332,9 +334,9 @@ class MKOptimizer(torch.optim.Optimizer):
                 self._arm_probe()
             elif not weights_written:
                 self._fused.write_weights(step)
-        elif self.probabilities == "dirichlet":
+        elif self.mode.regenerable:
             sampler.draw(step)
-        elif self.probabilities == "uniform":
+        elif self.mode.uniform:
             sampler.fill_uniform(step)
         else:
             sampler.step = step
@@ -410,7 +412,7 @@ class MKOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 f"state_dict was saved with probabilities={saved_mode!r} but this MKOptimizer uses {self.probabilities!r}"
             )
-        if mk.get("version", 1) < 3 and 4 <= self.e <= 16 and self.probabilities in ("dirichlet", "adv-mk"):
+        if mk.get("version", 1) < 3 and 4 <= self.e <= 16 and self.mode.stream:
             warnings.warn(
                 f"this state_dict was saved by mkopt state version {mk.get('version', 1)}, whose Dirichlet draws for "
                 f"e={self.e} differ from this version's (uniform spacings since version 3): the run continues with "
@@ -441,15 +443,14 @@ class MKOptimizer(torch.optim.Optimizer):
         )
 
 
-def _choose_path(path: str, optimizer_cls: type, probabilities: str, model: nn.Module, targets: TargetSpec, e: Any,
-                 optimizer_kwargs: dict[str, Any]) -> str:  # fmt: skip
+def _choose_path(path: str, optimizer_cls: type, model: nn.Module, targets: TargetSpec, e: Any, optimizer_kwargs: dict[str, Any]) -> str:
     """``"fused"`` or ``"generic"`` for the requested ``path`` (``"fused"`` that cannot run raises why)."""
     if path == "generic":
         return path
     if isinstance(e, bool) or not isinstance(e, int):
         return "generic"  # expand() rejects it with its own message
     params = [t.param for t in select_targets(model, targets)]
-    blocker = fused_path_blocker(optimizer_cls, probabilities, params, e, optimizer_kwargs)
+    blocker = fused_path_blocker(optimizer_cls, params, e, optimizer_kwargs)
     if blocker is None:
         return "fused"
     if path == "fused":
@@ -513,8 +514,6 @@ def _check_optimizer_cls(optimizer_cls: Any) -> None:
         )
 
 
-def _check_mode(probabilities: Any, eps: Any) -> None:
-    if probabilities not in adversarial.PROBABILITY_MODES:
-        raise ValueError(f"probabilities={probabilities!r} is unknown: use one of {adversarial.PROBABILITY_MODES}")
+def _check_eps(eps: Any) -> None:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"adversarial_eps={eps!r} must be a finite number >= 0 (0 disables the ascent on p)")

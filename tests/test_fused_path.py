@@ -389,3 +389,21 @@ def test_adversarial_fused_probe_reads_the_mean_and_step_needs_the_ascent():
     F.cross_entropy(model(x), y).backward()
     with pytest.raises(RuntimeError, match="takes two passes per step"):
         opt.step()
+
+
+def test_a_registered_mode_combining_known_facts_runs_on_both_paths():
+    from mkopt.modes import _REGISTRY, ProbabilityMode, register_probability_mode
+
+    mode = register_probability_mode(ProbabilityMode("uniform-test", uniform=True))
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            register_probability_mode(mode)
+        runs = [train(path, torch.optim.SGD, dict(lr=0.1, momentum=0.9), probabilities="uniform-test", steps=4) for path in ("fused", "generic")]
+        assert_close_states(*runs, rtol=1e-9)
+        reference = train("fused", torch.optim.SGD, dict(lr=0.1, momentum=0.9), probabilities="uniform", steps=4)
+        for a, b in zip(runs[0][0].state_dict().values(), reference[0].state_dict().values()):
+            assert torch.equal(a, b)
+    finally:
+        del _REGISTRY["uniform-test"]
+    with pytest.raises(ValueError, match=r"probabilities='uniform-test' is unknown: use one of \('dirichlet'"):
+        mkopt.MKOptimizer(torch.optim.SGD, make_model(), e=3, lr=0.1, probabilities="uniform-test")
