@@ -44,8 +44,9 @@ def main() -> None:
     es = [int(r["e"]) for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
     for suffix, style, label in (("", "--", "default malloc"), (" (retained)", "-", "retain_freed_memory()")):
-        ax.plot(es, [ratio(r["time ratio" + suffix]) for r in rows], "o" + style, color="C0", label=f"MK, {label}")
-        ax.plot(es, [ratio(r["floor ratio" + suffix]) for r in rows], "s" + style, color="C1", label=f"floor, {label}")
+        ax.plot(es, [ratio(r["fused ratio" + suffix]) for r in rows], "o" + style, color="C0", label=f"MK fused path, {label}")
+        ax.plot(es, [ratio(r["generic ratio" + suffix]) for r in rows], "^" + style, color="C2", label=f"MK generic path, {label}")
+        ax.plot(es, [ratio(r["fused floor ratio" + suffix]) for r in rows], "s" + style, color="C1", label=f"fused-design floor, {label}")
     ax.plot(es, es, ":", color="gray", label="e (e separate models)")
     ax.set_xlabel("e (copies per kernel)")
     ax.set_ylabel("step time / baseline step time")

@@ -15,7 +15,7 @@
 
 namespace {
 
-constexpr int64_t BLOCK = 256;
+constexpr int64_t BLOCK = 1024;
 constexpr int MAX_E = 32;
 constexpr int MAX_SPACINGS_E = 16;
 
@@ -98,6 +98,22 @@ void probabilities(int e, uint64_t key, int64_t col0, int64_t len, bool uniform,
     for (int64_t j = 0; j < len; ++j) p[k][j] = p[k][j] / total[j];
 }
 
+// Ask for the next block's part of a row (the contiguous bytes after this block's): a block's run of
+// one row spans about one 4 KiB page, and hardware prefetchers do not cross pages, so without this
+// every row of every block starts with cache misses (measured: the update loop stalled on its loads).
+template <typename T>
+inline void prefetch_next_block(const T* row, int64_t b0, int64_t n, bool write) {
+  const int64_t next = b0 + BLOCK;
+  if (row == nullptr || next >= n) return;
+  const int64_t len = n - next < BLOCK ? n - next : BLOCK;
+  const char* start = reinterpret_cast<const char*>(row + next);
+  const int64_t bytes = len * int64_t(sizeof(T));
+  for (int64_t off = 0; off < bytes; off += 64) {
+    if (write) __builtin_prefetch(start + off, 1, 3);
+    else __builtin_prefetch(start + off, 0, 3);
+  }
+}
+
 // Storage types: float, double, and bfloat16 held as uint16_t (computed in float, rounded to nearest even).
 struct bf16 {
   uint16_t bits;
@@ -105,6 +121,7 @@ struct bf16 {
 template <typename T, typename A> struct Io {
   static inline A load(const T* x, int64_t i) { return A(x[i]); }
   static inline void store(T* x, int64_t i, A v) { x[i] = T(v); }
+  static inline A round(A v) { return v; }  // to the storage precision (a no-op unless T is narrower)
 };
 template <> struct Io<bf16, float> {
   static inline float load(const bf16* x, int64_t i) {
@@ -119,6 +136,11 @@ template <> struct Io<bf16, float> {
     const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
     const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
     x[i].bits = uint16_t(nan ? ((u >> 16) | 0x40u) : rounded);
+  }
+  static inline float round(float v) {
+    bf16 b;
+    store(&b, 0, v);
+    return load(&b, 0);
   }
 };
 
@@ -300,10 +322,14 @@ void sgd(const StepArgs& a, T* copies, T* w, const T* grad, T* buf, const T* pro
     A factor[BLOCK];
     if (a.has_grad) {
       step_probabilities<T, A>(a, copies, probe, b0, len, p);
+      prefetch_next_block(grad, b0, n, false);
+      prefetch_next_block(w, b0, n, true);
       per_copy_factor<T, A>(a, grad, b0, len, p, factor);
       for (int k = 0; k < e; ++k) {  // p[k] is read before row k of p is overwritten below
         T* c = copies + k * n + b0;
         T* m = buf == nullptr ? nullptr : buf + k * n + b0;
+        prefetch_next_block(copies + k * n, b0, n, true);
+        if (buf != nullptr) prefetch_next_block(buf + k * n, b0, n, true);
         for (int64_t j = 0; j < len; ++j) {
           const A weight = Io<T, A>::load(c, j);
           A g = p[k][j] * factor[j];
@@ -330,13 +356,41 @@ void sgd(const StepArgs& a, T* copies, T* w, const T* grad, T* buf, const T* pro
   }
 }
 
+// One copy's Adam(W) update over a block; DECAY: 0 none, 1 coupled (Adam), 2 decoupled (AdamW).
+template <typename T, typename A> struct AdamRow {
+  const A* p;
+  const A* factor;
+  A wd, shrink, one_minus_beta1, beta2, one_minus_beta2, step_size, inv_bias2_sqrt, eps;
+  template <int DECAY, bool AMSGRAD>
+  void run(T* __restrict__ c, T* __restrict__ m, T* __restrict__ v, T* __restrict__ vmax, int64_t len) const {
+    for (int64_t j = 0; j < len; ++j) {
+      A weight = Io<T, A>::load(c, j);
+      A g = p[j] * factor[j];
+      if (DECAY == 2) weight = weight * shrink;
+      if (DECAY == 1) g = g + wd * weight;
+      const A m_old = Io<T, A>::load(m, j);
+      const A m_new = Io<T, A>::round(m_old + one_minus_beta1 * (g - m_old));  // torch's lerp for weight < 0.5
+      Io<T, A>::store(m, j, m_new);
+      A second = Io<T, A>::round(beta2 * Io<T, A>::load(v, j) + one_minus_beta2 * g * g);  // stored precision, as torch
+      Io<T, A>::store(v, j, second);
+      if (AMSGRAD) {
+        const A old = Io<T, A>::load(vmax, j);
+        second = old > second ? old : second;
+        Io<T, A>::store(vmax, j, second);
+      }
+      const A denom = std::sqrt(second) * inv_bias2_sqrt + eps;
+      Io<T, A>::store(c, j, weight - step_size * m_new / denom);
+    }
+  }
+};
+
 template <typename T, typename A>
 void adam(const StepArgs& a, T* copies, T* w, const T* grad, T* exp_avg, T* exp_avg_sq, T* max_exp_avg_sq, const T* probe) {
   const int e = a.e;
   const int64_t n = a.n;
   const A lr = A(a.lr), wd = A(a.weight_decay), beta2 = A(a.beta2), eps = A(a.eps);
   const A one_minus_beta1 = A(1.0 - a.beta1), one_minus_beta2 = A(1.0 - a.beta2);
-  const A step_size = A(a.step_size), bias2_sqrt = A(a.bias2_sqrt);
+  const A step_size = A(a.step_size), inv_bias2_sqrt = A(1.0 / a.bias2_sqrt);
   const A shrink = A(1.0 - a.lr * a.weight_decay);
 #pragma omp parallel for schedule(static)
   for (int64_t b0 = 0; b0 < n; b0 += BLOCK) {
@@ -346,30 +400,28 @@ void adam(const StepArgs& a, T* copies, T* w, const T* grad, T* exp_avg, T* exp_
     A factor[BLOCK];
     if (a.has_grad) {
       step_probabilities<T, A>(a, copies, probe, b0, len, p);
+      prefetch_next_block(grad, b0, n, false);
+      prefetch_next_block(w, b0, n, true);
       per_copy_factor<T, A>(a, grad, b0, len, p, factor);
+      // weight decay off/coupled/decoupled and amsgrad as compile-time variants: branch-free inner loops
+      const int variant = (a.weight_decay == 0 ? 0 : a.decoupled ? 2 : 1) + (max_exp_avg_sq != nullptr ? 3 : 0);
       for (int k = 0; k < e; ++k) {
         T* c = copies + k * n + b0;
         T* m = exp_avg + k * n + b0;
         T* v = exp_avg_sq + k * n + b0;
         T* vmax = max_exp_avg_sq == nullptr ? nullptr : max_exp_avg_sq + k * n + b0;
-        for (int64_t j = 0; j < len; ++j) {
-          A weight = Io<T, A>::load(c, j);
-          A g = p[k][j] * factor[j];
-          if (a.weight_decay != 0) {
-            if (a.decoupled) weight = weight * shrink;
-            else g = g + wd * weight;
-          }
-          const A m_old = Io<T, A>::load(m, j);
-          Io<T, A>::store(m, j, m_old + one_minus_beta1 * (g - m_old));  // torch's lerp for weight < 0.5
-          Io<T, A>::store(v, j, beta2 * Io<T, A>::load(v, j) + one_minus_beta2 * g * g);
-          A second = Io<T, A>::load(v, j);
-          if (vmax != nullptr) {
-            const A old = Io<T, A>::load(vmax, j);
-            second = old > second ? old : second;
-            Io<T, A>::store(vmax, j, second);
-          }
-          const A denom = std::sqrt(second) / bias2_sqrt + eps;
-          Io<T, A>::store(c, j, weight - step_size * Io<T, A>::load(m, j) / denom);
+        prefetch_next_block(copies + k * n, b0, n, true);
+        prefetch_next_block(exp_avg + k * n, b0, n, true);
+        prefetch_next_block(exp_avg_sq + k * n, b0, n, true);
+        if (max_exp_avg_sq != nullptr) prefetch_next_block(max_exp_avg_sq + k * n, b0, n, true);
+        const AdamRow<T, A> row{p[k], factor, wd, shrink, one_minus_beta1, beta2, one_minus_beta2, step_size, inv_bias2_sqrt, eps};
+        switch (variant) {
+          case 0: row.template run<0, false>(c, m, v, vmax, len); break;
+          case 1: row.template run<1, false>(c, m, v, vmax, len); break;
+          case 2: row.template run<2, false>(c, m, v, vmax, len); break;
+          case 3: row.template run<0, true>(c, m, v, vmax, len); break;
+          case 4: row.template run<1, true>(c, m, v, vmax, len); break;
+          default: row.template run<2, true>(c, m, v, vmax, len); break;
         }
       }
     }
