@@ -407,3 +407,26 @@ def test_a_registered_mode_combining_known_facts_runs_on_both_paths():
         del _REGISTRY["uniform-test"]
     with pytest.raises(ValueError, match=r"probabilities='uniform-test' is unknown: use one of \('dirichlet'"):
         mkopt.MKOptimizer(torch.optim.SGD, make_model(), e=3, lr=0.1, probabilities="uniform-test")
+
+
+def test_native_build_is_cached_and_safe_when_ranks_build_at_once(tmp_path):
+    """Two processes build into one empty cache at once: both load a complete library, one file remains."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import torch, time; from mkopt import native; t = time.monotonic(); assert native.available(), native.unavailable_reason(); "
+        "p = native.probabilities(3, 10, key=1); assert torch.allclose(p.sum(0), torch.ones(10)); print(time.monotonic() - t)"
+    )
+    env = {**os.environ, "MKOPT_CACHE_DIR": str(tmp_path)}
+    started = time.monotonic()
+    procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [proc.communicate(timeout=300) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert max(float(out.strip().splitlines()[-1]) for out, _ in outputs) < 60  # first build, two at once on 2 cores
+    assert [path.suffix for path in tmp_path.iterdir()] == [".so"]  # no scratch files left behind
+    again = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and float(again.stdout.strip().splitlines()[-1]) < 5  # cached: no rebuild
+    assert time.monotonic() - started < 240

@@ -156,9 +156,9 @@ def _declare(library: ctypes.CDLL) -> None:
         getattr(library, f"mk_probabilities_{suffix}").argtypes = [i32, i64, i64, u64, i32, ptr]
         getattr(library, f"mk_mix_{suffix}").argtypes = [i32, i64, i64, u64, i32, ptr, ptr]
         getattr(library, f"mk_scale_grad_{suffix}").argtypes = [i32, i64, i64, u64, i32, ptr, ptr]
-        getattr(library, f"mk_sgd_{suffix}").argtypes = [args, ptr, ptr, ptr, ptr, ptr]
-        getattr(library, f"mk_adam_{suffix}").argtypes = [args, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
-        getattr(library, f"mk_ascend_{suffix}").argtypes = [args, ptr, ptr, ptr, ptr]
+        getattr(library, f"mk_sgd_{suffix}").argtypes = [args, ptr, ptr, ptr, ptr, ptr, ptr]
+        getattr(library, f"mk_adam_{suffix}").argtypes = [args, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
+        getattr(library, f"mk_ascend_{suffix}").argtypes = [args, ptr, ptr, ptr, ptr, ptr]
         getattr(library, f"mk_adversarial_probabilities_{suffix}").argtypes = [args, ptr, ptr, ptr]
         for name in ("probabilities", "mix", "scale_grad", "sgd", "adam", "ascend", "adversarial_probabilities"):
             getattr(library, f"mk_{name}_{suffix}").restype = None
@@ -230,26 +230,32 @@ def scale_grad(grad: torch.Tensor, e: int, key: int, offset: int, uniform: bool 
 
 
 def sgd_(args: StepArgs, copies: torch.Tensor, w: torch.Tensor, grad: torch.Tensor | None, momentum_buffer: torch.Tensor | None,
-         probe: torch.Tensor | None = None) -> None:  # fmt: skip
+         probe: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> None:  # fmt: skip
     """One fused MK-SGD update of ``copies`` (and ``momentum_buffer``), writing the next ``w``.
 
-    ``probe``: the adversarial modes' probe gradient ``dL/dW`` (``args.adversarial``)."""
+    ``probe``: the adversarial modes' probe gradient ``dL/dW`` (``args.adversarial``); ``weight``:
+    B.2's per-element mixing weight saved by :func:`ascend_`."""
     _function("sgd", copies.dtype)(
-        ctypes.byref(args), copies.data_ptr(), w.data_ptr(), _pointer(grad), _pointer(momentum_buffer), _pointer(probe))
+        ctypes.byref(args), copies.data_ptr(), w.data_ptr(), _pointer(grad), _pointer(momentum_buffer), _pointer(probe),
+        _pointer(weight))  # fmt: skip
 
 
 def adam_(args: StepArgs, copies: torch.Tensor, w: torch.Tensor, grad: torch.Tensor | None, exp_avg: torch.Tensor,
-          exp_avg_sq: torch.Tensor, max_exp_avg_sq: torch.Tensor | None, probe: torch.Tensor | None = None) -> None:  # fmt: skip
+          exp_avg_sq: torch.Tensor, max_exp_avg_sq: torch.Tensor | None, probe: torch.Tensor | None = None,
+          weight: torch.Tensor | None = None) -> None:  # fmt: skip
     """One fused MK-Adam(W) update of ``copies`` and the moments, writing the next ``w``."""
     _function("adam", copies.dtype)(
         ctypes.byref(args), copies.data_ptr(), w.data_ptr(), _pointer(grad), exp_avg.data_ptr(), exp_avg_sq.data_ptr(),
-        _pointer(max_exp_avg_sq), _pointer(probe),
+        _pointer(max_exp_avg_sq), _pointer(probe), _pointer(weight),
     )  # fmt: skip
 
 
-def ascend_(args: StepArgs, copies: torch.Tensor, probe: torch.Tensor, w: torch.Tensor, norm: torch.Tensor) -> None:
-    """Adversarial step: ``w = sum_k p_k W~_k`` and ``norm = sqrt(sum_k p_k^2)`` with ``p`` from ``probe`` (B.1/B.2)."""
-    _function("ascend", copies.dtype)(ctypes.byref(args), copies.data_ptr(), probe.data_ptr(), w.data_ptr(), norm.data_ptr())
+def ascend_(args: StepArgs, copies: torch.Tensor, probe: torch.Tensor, w: torch.Tensor, norm: torch.Tensor,
+            weight: torch.Tensor | None = None) -> None:  # fmt: skip
+    """Adversarial step: ``w = sum_k p_k W~_k`` and ``norm = sqrt(sum_k p_k^2)`` with ``p`` from ``probe`` (B.1/B.2);
+    B.2 also saves its per-element mixing weight in ``weight`` (float32, or float64 for float64 copies)."""
+    _function("ascend", copies.dtype)(
+        ctypes.byref(args), copies.data_ptr(), probe.data_ptr(), w.data_ptr(), norm.data_ptr(), _pointer(weight))
 
 
 def adversarial_probabilities(args: StepArgs, copies: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:

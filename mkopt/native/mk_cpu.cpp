@@ -98,6 +98,7 @@ void probabilities(int e, uint64_t key, int64_t col0, int64_t len, bool uniform,
     for (int64_t j = 0; j < len; ++j) p[k][j] = p[k][j] / total[j];
 }
 
+
 // Ask for the next block's part of a row (the contiguous bytes after this block's): a block's run of
 // one row spans about one 4 KiB page, and hardware prefetchers do not cross pages, so without this
 // every row of every block starts with cache misses (measured: the update loop stalled on its loads).
@@ -188,8 +189,11 @@ namespace {
 // Adversarial p of columns b0 .. b0 + len (mkopt/adversarial.py's ascend_, per element): q_k =
 // 1/e + step * W~_k * probe, clamped at 0 and normalized (all-zero columns uniform); B.2 then mixes
 // in the Dirichlet draw d with weight u = KL(q || uniform) / log e: p = u q + (1 - u) d.
+// ``weight_in``: B.2's per-element weight u saved by the ascent (the update reuses it: no logarithms
+// twice, identical p); ``weight_out``: where the ascent saves it. Both may be null.
 template <typename T, typename A>
-void adversarial_probabilities(const StepArgs& a, const T* copies, const T* probe, int64_t b0, int64_t len, A (*p)[BLOCK]) {
+void adversarial_probabilities(const StepArgs& a, const T* copies, const T* probe, int64_t b0, int64_t len, A (*p)[BLOCK],
+                               const A* weight_in = nullptr, A* weight_out = nullptr) {
   const int e = a.e;
   const A base = A(1.0 / e);
   const A step = A(a.ascent_step);
@@ -215,16 +219,22 @@ void adversarial_probabilities(const StepArgs& a, const T* copies, const T* prob
   A drawn[MAX_E][BLOCK];
   A kl[BLOCK];
   probabilities<A>(e, a.key_now, a.offset + b0, len, false, drawn);
-  for (int k = 0; k < e; ++k)
+  if (weight_in != nullptr) {
+    for (int64_t j = 0; j < len; ++j) kl[j] = weight_in[b0 + j];
+  } else {
+    for (int k = 0; k < e; ++k)
+      for (int64_t j = 0; j < len; ++j) {
+        const A r = p[k][j];
+        const A term = r * std::log(r > tiny ? r : tiny);  // once per step: the update reuses u
+        kl[j] = k == 0 ? term : kl[j] + term;
+      }
+    const A log_e = A(std::log(double(e)));
     for (int64_t j = 0; j < len; ++j) {
-      const A r = p[k][j];
-      const A term = r * std::log(r > tiny ? r : tiny);
-      kl[j] = k == 0 ? term : kl[j] + term;
+      A u = (kl[j] + log_e) / log_e;
+      kl[j] = u < A(0) ? A(0) : (u > A(1) ? A(1) : u);
     }
-  const A log_e = A(std::log(double(e)));
-  for (int64_t j = 0; j < len; ++j) {
-    A u = (kl[j] + log_e) / log_e;
-    kl[j] = u < A(0) ? A(0) : (u > A(1) ? A(1) : u);
+    if (weight_out != nullptr)
+      for (int64_t j = 0; j < len; ++j) weight_out[b0 + j] = kl[j];
   }
   for (int k = 0; k < e; ++k)
     for (int64_t j = 0; j < len; ++j) p[k][j] = kl[j] * p[k][j] + (A(1) - kl[j]) * drawn[k][j];
@@ -232,14 +242,15 @@ void adversarial_probabilities(const StepArgs& a, const T* copies, const T* prob
 
 // p_t of one block: from the probe (adversarial modes) or from the stream.
 template <typename T, typename A>
-void step_probabilities(const StepArgs& a, const T* copies, const T* probe, int64_t b0, int64_t len, A (*p)[BLOCK]) {
-  if (a.adversarial) adversarial_probabilities<T, A>(a, copies, probe, b0, len, p);
+void step_probabilities(const StepArgs& a, const T* copies, const T* probe, const A* weight, int64_t b0, int64_t len,
+                        A (*p)[BLOCK]) {
+  if (a.adversarial) adversarial_probabilities<T, A>(a, copies, probe, b0, len, p, weight);
   else probabilities<A>(a.e, a.key_now, a.offset + b0, len, a.uniform, p);
 }
 
 // The adversarial step's weight W = sum_k p_k W~_k and s = sqrt(sum_k p_k^2) (its gradient's scale).
 template <typename T, typename A>
-void ascend(const StepArgs& a, const T* copies, const T* probe, T* w, T* norm) {
+void ascend(const StepArgs& a, const T* copies, const T* probe, T* w, T* norm, A* weight) {
   const int e = a.e;
   const int64_t n = a.n;
 #pragma omp parallel for schedule(static)
@@ -248,7 +259,7 @@ void ascend(const StepArgs& a, const T* copies, const T* probe, T* w, T* norm) {
     A p[MAX_E][BLOCK];
     A acc[BLOCK];
     A sq[BLOCK];
-    adversarial_probabilities<T, A>(a, copies, probe, b0, len, p);
+    adversarial_probabilities<T, A>(a, copies, probe, b0, len, p, nullptr, weight);
     for (int k = 0; k < e; ++k) {
       const T* c = copies + k * n + b0;
       for (int64_t j = 0; j < len; ++j) {
@@ -310,7 +321,7 @@ void per_copy_factor(const StepArgs& a, const T* grad, int64_t b0, int64_t len, 
 }
 
 template <typename T, typename A>
-void sgd(const StepArgs& a, T* copies, T* w, const T* grad, T* buf, const T* probe) {
+void sgd(const StepArgs& a, T* copies, T* w, const T* grad, T* buf, const T* probe, const A* weight) {
   const int e = a.e;
   const int64_t n = a.n;
   const A lr = A(a.lr), wd = A(a.weight_decay), mom = A(a.momentum), keep = A(1.0 - a.dampening);
@@ -321,7 +332,7 @@ void sgd(const StepArgs& a, T* copies, T* w, const T* grad, T* buf, const T* pro
     A acc[BLOCK];
     A factor[BLOCK];
     if (a.has_grad) {
-      step_probabilities<T, A>(a, copies, probe, b0, len, p);
+      step_probabilities<T, A>(a, copies, probe, weight, b0, len, p);
       prefetch_next_block(grad, b0, n, false);
       prefetch_next_block(w, b0, n, true);
       per_copy_factor<T, A>(a, grad, b0, len, p, factor);
@@ -385,7 +396,8 @@ template <typename T, typename A> struct AdamRow {
 };
 
 template <typename T, typename A>
-void adam(const StepArgs& a, T* copies, T* w, const T* grad, T* exp_avg, T* exp_avg_sq, T* max_exp_avg_sq, const T* probe) {
+void adam(const StepArgs& a, T* copies, T* w, const T* grad, T* exp_avg, T* exp_avg_sq, T* max_exp_avg_sq, const T* probe,
+          const A* weight) {
   const int e = a.e;
   const int64_t n = a.n;
   const A lr = A(a.lr), wd = A(a.weight_decay), beta2 = A(a.beta2), eps = A(a.eps);
@@ -399,7 +411,7 @@ void adam(const StepArgs& a, T* copies, T* w, const T* grad, T* exp_avg, T* exp_
     A acc[BLOCK];
     A factor[BLOCK];
     if (a.has_grad) {
-      step_probabilities<T, A>(a, copies, probe, b0, len, p);
+      step_probabilities<T, A>(a, copies, probe, weight, b0, len, p);
       prefetch_next_block(grad, b0, n, false);
       prefetch_next_block(w, b0, n, true);
       per_copy_factor<T, A>(a, grad, b0, len, p, factor);
@@ -460,15 +472,17 @@ void adam(const StepArgs& a, T* copies, T* w, const T* grad, T* exp_avg, T* exp_
                                          const T* grad, T* out) {                                               \
     scale_grad<T, A>(e, n, offset, key, uniform != 0, grad, out);                                               \
   }                                                                                                             \
-  extern "C" void mk_sgd_##SUFFIX(const StepArgs* a, T* copies, T* w, const T* grad, T* buf, const T* probe) {  \
-    sgd<T, A>(*a, copies, w, grad, buf, probe);                                                                 \
+  extern "C" void mk_sgd_##SUFFIX(const StepArgs* a, T* copies, T* w, const T* grad, T* buf, const T* probe,   \
+                                  const A* weight) {                                                            \
+    sgd<T, A>(*a, copies, w, grad, buf, probe, weight);                                                         \
   }                                                                                                             \
   extern "C" void mk_adam_##SUFFIX(const StepArgs* a, T* copies, T* w, const T* grad, T* m, T* v, T* vmax,       \
-                                   const T* probe) {                                                            \
-    adam<T, A>(*a, copies, w, grad, m, v, vmax, probe);                                                         \
+                                   const T* probe, const A* weight) {                                           \
+    adam<T, A>(*a, copies, w, grad, m, v, vmax, probe, weight);                                                 \
   }                                                                                                             \
-  extern "C" void mk_ascend_##SUFFIX(const StepArgs* a, const T* copies, const T* probe, T* w, T* norm) {       \
-    ascend<T, A>(*a, copies, probe, w, norm);                                                                   \
+  extern "C" void mk_ascend_##SUFFIX(const StepArgs* a, const T* copies, const T* probe, T* w, T* norm,         \
+                                     A* weight) {                                                               \
+    ascend<T, A>(*a, copies, probe, w, norm, weight);                                                           \
   }                                                                                                             \
   extern "C" void mk_adversarial_probabilities_##SUFFIX(const StepArgs* a, const T* copies, const T* probe,     \
                                                         A* out) {                                               \
@@ -486,4 +500,4 @@ MK_ENTRY_POINTS(f64, double, double)
 MK_ENTRY_POINTS(bf16, bf16, float)
 
 extern "C" int mk_max_e() { return MAX_E; }
-extern "C" int mk_abi_version() { return 2; }
+extern "C" int mk_abi_version() { return 3; }
