@@ -64,6 +64,14 @@ def train(path, cls, kwargs, *, e=3, dtype=torch.float64, steps=20, clip=0.5, sc
     return model, opt
 
 
+def run_steps(model, opt, steps, dtype=torch.float64):
+    """Plain training steps on one micro-batch each."""
+    for micro in batches(dtype, steps, micro=1):
+        opt.zero_grad()
+        F.cross_entropy(model(micro[0][0]), micro[0][1]).backward()
+        opt.step()
+
+
 def assert_close_states(fused, generic, rtol):
     (model_f, opt_f), (model_g, opt_g) = fused, generic
     a, b = model_f.state_dict(), model_g.state_dict()
@@ -163,10 +171,8 @@ def test_proxy_gradient_has_the_copies_gradient_norm_and_is_n_sized():
 def test_the_training_forward_reads_the_mixture_of_this_steps_p():
     model = make_model()
     opt = mkopt.MKOptimizer(torch.optim.Adam, model, e=4, lr=1e-2, path="fused")
-    for micro in batches(torch.float64, 3):
-        opt.zero_grad()
-        F.cross_entropy(model(micro[0][0]), micro[0][1]).backward()
-        opt.step()
+    for _ in range(3):
+        run_steps(model, opt, 1)
         for layer in model[::2]:
             mk = layer.parametrizations.weight[0]
             stack = layer.parametrizations.weight.original
@@ -223,10 +229,7 @@ def test_model_state_dict_keeps_its_keys_and_loading_rewrites_the_weights():
     mkopt.MKOptimizer(torch.optim.SGD, twin, e=3, lr=0.1, path="generic")
     opt = mkopt.MKOptimizer(torch.optim.SGD, model, e=3, lr=0.1, momentum=0.9, path="fused")
     assert list(model.state_dict()) == list(twin.state_dict())
-    for micro in batches(torch.float64, 3):
-        opt.zero_grad()
-        F.cross_entropy(model(micro[0][0]), micro[0][1]).backward()
-        opt.step()
+    run_steps(model, opt, 3)
     saved = copy.deepcopy(model.state_dict())
     with torch.no_grad():
         for p in model.parameters():
@@ -270,10 +273,7 @@ def test_checkpoint_resumes_across_paths(saved_on, resumed_on):
 def test_deploy_and_collapse_give_plain_trainable_models():
     model = make_model()
     opt = mkopt.MKOptimizer(torch.optim.AdamW, model, e=3, lr=1e-2, path="fused")
-    for micro in batches(torch.float64, 2):
-        opt.zero_grad()
-        F.cross_entropy(model(micro[0][0]), micro[0][1]).backward()
-        opt.step()
+    run_steps(model, opt, 2)
     x = torch.randn(5, 6, dtype=torch.float64)
     plain = mkopt.deploy(model.eval())
     assert list(plain.state_dict()) == list(make_model().state_dict())

@@ -320,11 +320,14 @@ void per_copy_factor(const StepArgs& a, const T* grad, int64_t b0, int64_t len, 
   for (int64_t j = 0; j < len; ++j) factor[j] = sign * Io<T, A>::load(grad + b0, j) / std::sqrt(sq[j]);
 }
 
-template <typename T, typename A>
-void sgd(const StepArgs& a, T* copies, T* w, const T* grad, T* buf, const T* probe, const A* weight) {
+// The skeleton every fused update shares, per block of columns: p_t (stream or adversarial), the
+// per-column factor p_k / s * grad is folded into g_k by ``update_row(k, p_k, factor, b0, len)``, which
+// updates copy k and its state in place; then p_t+1 and the next W = sum_k p_t+1,k W~_k.
+template <typename T, typename A, typename RowUpdate>
+void fused_update(const StepArgs& a, const T* copies, T* w, const T* grad, const T* probe, const A* weight,
+                  RowUpdate update_row) {
   const int e = a.e;
   const int64_t n = a.n;
-  const A lr = A(a.lr), wd = A(a.weight_decay), mom = A(a.momentum), keep = A(1.0 - a.dampening);
 #pragma omp parallel for schedule(static)
   for (int64_t b0 = 0; b0 < n; b0 += BLOCK) {
     const int64_t len = n - b0 < BLOCK ? n - b0 : BLOCK;
@@ -336,23 +339,9 @@ void sgd(const StepArgs& a, T* copies, T* w, const T* grad, T* buf, const T* pro
       prefetch_next_block(grad, b0, n, false);
       prefetch_next_block(w, b0, n, true);
       per_copy_factor<T, A>(a, grad, b0, len, p, factor);
-      for (int k = 0; k < e; ++k) {  // p[k] is read before row k of p is overwritten below
-        T* c = copies + k * n + b0;
-        T* m = buf == nullptr ? nullptr : buf + k * n + b0;
+      for (int k = 0; k < e; ++k) {
         prefetch_next_block(copies + k * n, b0, n, true);
-        if (buf != nullptr) prefetch_next_block(buf + k * n, b0, n, true);
-        for (int64_t j = 0; j < len; ++j) {
-          const A weight = Io<T, A>::load(c, j);
-          A g = p[k][j] * factor[j];
-          if (a.weight_decay != 0) g = g + wd * weight;
-          if (m != nullptr) {
-            const A next = a.first_momentum ? g : mom * Io<T, A>::load(m, j) + keep * g;
-            Io<T, A>::store(m, j, next);
-            const A stored = Io<T, A>::load(m, j);  // the rounded buffer, as torch uses it
-            g = a.nesterov ? g + mom * stored : stored;
-          }
-          Io<T, A>::store(c, j, weight - lr * g);
-        }
+        update_row(k, p[k], factor, b0, len);
       }
     }
     probabilities<A>(e, a.key_next, a.offset + b0, len, a.uniform || a.uniform_next, p);
@@ -365,6 +354,32 @@ void sgd(const StepArgs& a, T* copies, T* w, const T* grad, T* buf, const T* pro
     }
     for (int64_t j = 0; j < len; ++j) Io<T, A>::store(w + b0, j, acc[j]);
   }
+}
+
+// One copy's SGD update over a block (torch.optim.SGD's single-tensor arithmetic).
+template <typename T, typename A>
+void sgd_row(const StepArgs& a, const A* p, const A* factor, T* __restrict__ c, T* __restrict__ m, int64_t len) {
+  const A lr = A(a.lr), wd = A(a.weight_decay), mom = A(a.momentum), keep = A(1.0 - a.dampening);
+  for (int64_t j = 0; j < len; ++j) {
+    const A weight = Io<T, A>::load(c, j);
+    A g = p[j] * factor[j];
+    if (a.weight_decay != 0) g = g + wd * weight;
+    if (m != nullptr) {
+      const A next = Io<T, A>::round(a.first_momentum ? g : mom * Io<T, A>::load(m, j) + keep * g);  // stored precision
+      Io<T, A>::store(m, j, next);
+      g = a.nesterov ? g + mom * next : next;
+    }
+    Io<T, A>::store(c, j, weight - lr * g);
+  }
+}
+
+template <typename T, typename A>
+void sgd(const StepArgs& a, T* copies, T* w, const T* grad, T* buf, const T* probe, const A* weight) {
+  const int64_t n = a.n;
+  fused_update<T, A>(a, copies, w, grad, probe, weight, [&](int k, const A* p, const A* factor, int64_t b0, int64_t len) {
+    if (buf != nullptr) prefetch_next_block(buf + k * n, b0, n, true);
+    sgd_row<T, A>(a, p, factor, copies + k * n + b0, buf == nullptr ? nullptr : buf + k * n + b0, len);
+  });
 }
 
 // One copy's Adam(W) update over a block; DECAY: 0 none, 1 coupled (Adam), 2 decoupled (AdamW).
@@ -398,56 +413,30 @@ template <typename T, typename A> struct AdamRow {
 template <typename T, typename A>
 void adam(const StepArgs& a, T* copies, T* w, const T* grad, T* exp_avg, T* exp_avg_sq, T* max_exp_avg_sq, const T* probe,
           const A* weight) {
-  const int e = a.e;
   const int64_t n = a.n;
-  const A lr = A(a.lr), wd = A(a.weight_decay), beta2 = A(a.beta2), eps = A(a.eps);
+  const A wd = A(a.weight_decay), shrink = A(1.0 - a.lr * a.weight_decay), beta2 = A(a.beta2), eps = A(a.eps);
   const A one_minus_beta1 = A(1.0 - a.beta1), one_minus_beta2 = A(1.0 - a.beta2);
   const A step_size = A(a.step_size), inv_bias2_sqrt = A(1.0 / a.bias2_sqrt);
-  const A shrink = A(1.0 - a.lr * a.weight_decay);
-#pragma omp parallel for schedule(static)
-  for (int64_t b0 = 0; b0 < n; b0 += BLOCK) {
-    const int64_t len = n - b0 < BLOCK ? n - b0 : BLOCK;
-    A p[MAX_E][BLOCK];
-    A acc[BLOCK];
-    A factor[BLOCK];
-    if (a.has_grad) {
-      step_probabilities<T, A>(a, copies, probe, weight, b0, len, p);
-      prefetch_next_block(grad, b0, n, false);
-      prefetch_next_block(w, b0, n, true);
-      per_copy_factor<T, A>(a, grad, b0, len, p, factor);
-      // weight decay off/coupled/decoupled and amsgrad as compile-time variants: branch-free inner loops
-      const int variant = (a.weight_decay == 0 ? 0 : a.decoupled ? 2 : 1) + (max_exp_avg_sq != nullptr ? 3 : 0);
-      for (int k = 0; k < e; ++k) {
-        T* c = copies + k * n + b0;
-        T* m = exp_avg + k * n + b0;
-        T* v = exp_avg_sq + k * n + b0;
-        T* vmax = max_exp_avg_sq == nullptr ? nullptr : max_exp_avg_sq + k * n + b0;
-        prefetch_next_block(copies + k * n, b0, n, true);
-        prefetch_next_block(exp_avg + k * n, b0, n, true);
-        prefetch_next_block(exp_avg_sq + k * n, b0, n, true);
-        if (max_exp_avg_sq != nullptr) prefetch_next_block(max_exp_avg_sq + k * n, b0, n, true);
-        const AdamRow<T, A> row{p[k], factor, wd, shrink, one_minus_beta1, beta2, one_minus_beta2, step_size, inv_bias2_sqrt, eps};
-        switch (variant) {
-          case 0: row.template run<0, false>(c, m, v, vmax, len); break;
-          case 1: row.template run<1, false>(c, m, v, vmax, len); break;
-          case 2: row.template run<2, false>(c, m, v, vmax, len); break;
-          case 3: row.template run<0, true>(c, m, v, vmax, len); break;
-          case 4: row.template run<1, true>(c, m, v, vmax, len); break;
-          default: row.template run<2, true>(c, m, v, vmax, len); break;
-        }
-      }
+  // weight decay off/coupled/decoupled and amsgrad as compile-time variants: branch-free inner loops
+  const int variant = (a.weight_decay == 0 ? 0 : a.decoupled ? 2 : 1) + (max_exp_avg_sq != nullptr ? 3 : 0);
+  fused_update<T, A>(a, copies, w, grad, probe, weight, [&](int k, const A* p, const A* factor, int64_t b0, int64_t len) {
+    T* m = exp_avg + k * n + b0;
+    T* v = exp_avg_sq + k * n + b0;
+    T* vmax = max_exp_avg_sq == nullptr ? nullptr : max_exp_avg_sq + k * n + b0;
+    prefetch_next_block(exp_avg + k * n, b0, n, true);
+    prefetch_next_block(exp_avg_sq + k * n, b0, n, true);
+    if (max_exp_avg_sq != nullptr) prefetch_next_block(max_exp_avg_sq + k * n, b0, n, true);
+    const AdamRow<T, A> row{p, factor, wd, shrink, one_minus_beta1, beta2, one_minus_beta2, step_size, inv_bias2_sqrt, eps};
+    T* c = copies + k * n + b0;
+    switch (variant) {
+      case 0: row.template run<0, false>(c, m, v, vmax, len); break;
+      case 1: row.template run<1, false>(c, m, v, vmax, len); break;
+      case 2: row.template run<2, false>(c, m, v, vmax, len); break;
+      case 3: row.template run<0, true>(c, m, v, vmax, len); break;
+      case 4: row.template run<1, true>(c, m, v, vmax, len); break;
+      default: row.template run<2, true>(c, m, v, vmax, len); break;
     }
-    probabilities<A>(e, a.key_next, a.offset + b0, len, a.uniform || a.uniform_next, p);
-    for (int k = 0; k < e; ++k) {
-      const T* c = copies + k * n + b0;
-      for (int64_t j = 0; j < len; ++j) {
-        const A term = p[k][j] * Io<T, A>::load(c, j);
-        acc[j] = k == 0 ? term : acc[j] + term;
-      }
-    }
-    for (int64_t j = 0; j < len; ++j) Io<T, A>::store(w + b0, j, acc[j]);
-  }
-  (void)lr;
+  });
 }
 
 }  // namespace
