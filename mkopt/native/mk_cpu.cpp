@@ -275,22 +275,28 @@ void ascend(const StepArgs& a, const T* copies, const T* probe, T* w, T* norm, A
   }
 }
 
+// w[b0 .. b0 + len] = sum_k p_k * copies[k][b0 ..] (accumulated in A, in copy order, cast once).
+template <typename T, typename A>
+void mix_block(int e, int64_t n, const T* copies, T* w, int64_t b0, int64_t len, A (*p)[BLOCK]) {
+  A acc[BLOCK];
+  for (int k = 0; k < e; ++k) {
+    const T* c = copies + k * n + b0;
+    for (int64_t j = 0; j < len; ++j) {
+      const A term = p[k][j] * Io<T, A>::load(c, j);
+      acc[j] = k == 0 ? term : acc[j] + term;
+    }
+  }
+  for (int64_t j = 0; j < len; ++j) Io<T, A>::store(w + b0, j, acc[j]);
+}
+
 template <typename T, typename A>
 void mix(int e, int64_t n, int64_t offset, uint64_t key, bool uniform, const T* copies, T* w) {
 #pragma omp parallel for schedule(static)
   for (int64_t b0 = 0; b0 < n; b0 += BLOCK) {
     const int64_t len = n - b0 < BLOCK ? n - b0 : BLOCK;
     A p[MAX_E][BLOCK];
-    A acc[BLOCK];
     probabilities<A>(e, key, offset + b0, len, uniform, p);
-    for (int k = 0; k < e; ++k) {
-      const T* c = copies + k * n + b0;
-      for (int64_t j = 0; j < len; ++j) {
-        const A term = p[k][j] * Io<T, A>::load(c, j);
-        acc[j] = k == 0 ? term : acc[j] + term;
-      }
-    }
-    for (int64_t j = 0; j < len; ++j) Io<T, A>::store(w + b0, j, acc[j]);
+    mix_block<T, A>(e, n, copies, w, b0, len, p);
   }
 }
 
@@ -332,7 +338,6 @@ void fused_update(const StepArgs& a, const T* copies, T* w, const T* grad, const
   for (int64_t b0 = 0; b0 < n; b0 += BLOCK) {
     const int64_t len = n - b0 < BLOCK ? n - b0 : BLOCK;
     A p[MAX_E][BLOCK];
-    A acc[BLOCK];
     A factor[BLOCK];
     if (a.has_grad) {
       step_probabilities<T, A>(a, copies, probe, weight, b0, len, p);
@@ -345,14 +350,7 @@ void fused_update(const StepArgs& a, const T* copies, T* w, const T* grad, const
       }
     }
     probabilities<A>(e, a.key_next, a.offset + b0, len, a.uniform || a.uniform_next, p);
-    for (int k = 0; k < e; ++k) {
-      const T* c = copies + k * n + b0;
-      for (int64_t j = 0; j < len; ++j) {
-        const A term = p[k][j] * Io<T, A>::load(c, j);
-        acc[j] = k == 0 ? term : acc[j] + term;
-      }
-    }
-    for (int64_t j = 0; j < len; ++j) Io<T, A>::store(w + b0, j, acc[j]);
+    mix_block<T, A>(e, n, copies, w, b0, len, p);
   }
 }
 
