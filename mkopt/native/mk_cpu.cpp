@@ -58,8 +58,9 @@ void probabilities(int e, uint64_t key, int64_t col0, int64_t len, bool uniform,
       const uint64_t column = uint64_t(col0 + j);
       const uint64_t word = splitmix64(words > 1 ? column * uint64_t(words) + uint64_t(r) : column, key);
       if (per_word == 2) {
-        first_row[j] = A(float(word >> 40) * 0x1p-24f);
-        if (second) second_row[j] = A(float((word >> 8) & 0xFFFFFFULL) * 0x1p-24f);
+        // 24-bit fields through 32-bit integers: exact, and 16 lanes per conversion instead of 8
+        first_row[j] = A(float(int32_t(uint32_t(word >> 40))) * 0x1p-24f);
+        if (second) second_row[j] = A(float(int32_t(uint32_t(word >> 8) & 0xFFFFFFu)) * 0x1p-24f);
       } else {
         first_row[j] = A(double(word >> 11) * 0x1p-53);
       }
