@@ -64,6 +64,21 @@ def fused_path_blocker(optimizer_cls: type, params: Iterable[torch.Tensor], e: i
     return None
 
 
+@torch.library.custom_op("mkopt::scale_grad", mutates_args=())
+def scale_grad_op(grad: torch.Tensor, e: int, key: torch.Tensor, offset: int, uniform: bool) -> torch.Tensor:
+    """``sqrt(sum_k p_k^2) * grad`` with ``p`` of stream ``key`` (a 0-dim int64 tensor) from column ``offset``.
+
+    A ``torch.library`` op, so ``torch.compile`` traces a model around it (the native call is opaque to
+    it) and the step's key is data, not a constant that would recompile the graph every step.
+    """
+    return native.scale_grad(grad, e, int(key), offset, uniform)
+
+
+@scale_grad_op.register_fake
+def _(grad: torch.Tensor, e: int, key: torch.Tensor, offset: int, uniform: bool) -> torch.Tensor:
+    return torch.empty_like(grad, memory_format=torch.contiguous_format)
+
+
 class _ScaledProxy(torch.autograd.Function):
     """Identity forward; backward returns ``s * dL/dW``, ``s = sqrt(sum_k p_k^2)`` with this graph's ``p``.
 
@@ -72,22 +87,26 @@ class _ScaledProxy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, proxy: torch.Tensor, e: int, key: int, offset: int, uniform: bool, scale: float,
-                norm: torch.Tensor | None, probe: bool) -> torch.Tensor:  # fmt: skip
-        ctx.p_args = (e, key, offset, uniform, scale, norm, probe)
+    def forward(ctx: Any, proxy: torch.Tensor, key: torch.Tensor, norm: torch.Tensor | None, e: int, offset: int,
+                uniform: bool, scale: float, probe: bool) -> torch.Tensor:  # fmt: skip
+        ctx.save_for_backward(key, norm)
+        ctx.p_args = (e, offset, uniform, scale, probe)
         return proxy.view_as(proxy)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        e, key, offset, uniform, scale, norm, probe = ctx.p_args
+        key, norm = ctx.saved_tensors
+        e, offset, uniform, scale, probe = ctx.p_args
         if probe:  # the ascent reads dL/dW at the mean
             return grad, None, None, None, None, None, None, None
         if norm is not None:
             out = grad * norm
+        elif e == 1:  # p = 1, s = 1
+            out = grad.clone()
         else:
-            out = grad.clone() if e == 1 else native.scale_grad(grad, e, key, offset, uniform)  # e = 1: p = 1, s = 1
+            out = scale_grad_op(grad, e, key, offset, uniform)
         if scale != 1.0:  # lr compensation (Lemma 4.3), as the generic path scales the copies' gradients
-            out.mul_(scale)
+            out = out * scale
         return out, None, None, None, None, None, None, None
 
 
@@ -100,8 +119,8 @@ def scaled_proxy(proxy: torch.Tensor, slot: ProbabilitySlot, grad_scale: float =
     sampler = slot.sampler
     phase = sampler.fused_phase
     return _ScaledProxy.apply(
-        proxy, sampler.e, sampler.seeds[slot.key], slot.offset, sampler.uniform, grad_scale,
-        norm if phase == "adversarial" else None, phase == "probe",
+        proxy, sampler.keys[slot.key], norm if phase == "adversarial" else None, sampler.e, slot.offset,
+        sampler.uniform, grad_scale, phase == "probe",
     )  # fmt: skip
 
 

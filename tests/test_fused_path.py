@@ -430,3 +430,24 @@ def test_native_build_is_cached_and_safe_when_ranks_build_at_once(tmp_path):
     again = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and float(again.stdout.strip().splitlines()[-1]) < 5  # cached: no rebuild
     assert time.monotonic() - started < 240
+
+
+@pytest.mark.slow
+def test_torch_compile_traces_the_fused_path_in_one_graph_without_recompiling():
+    """fullgraph=True: no graph break at the proxy's gradient op; the step's key is data (no recompiles)."""
+    model = make_model(torch.float32)
+    opt = mkopt.MKOptimizer(torch.optim.SGD, model, e=3, lr=0.1, momentum=0.9, path="fused")
+    compiled = torch.compile(model, fullgraph=True)
+    reference = make_model(torch.float32)
+    ref_opt = mkopt.MKOptimizer(torch.optim.SGD, reference, e=3, lr=0.1, momentum=0.9, path="fused")
+    for step, micro in enumerate(batches(torch.float32, 5, micro=1)):
+        x, y = micro[0]
+        with torch._dynamo.config.patch(error_on_recompile=step > 0):
+            opt.zero_grad()
+            F.cross_entropy(compiled(x), y).backward()
+        opt.step()
+        ref_opt.zero_grad()
+        F.cross_entropy(reference(x), y).backward()
+        ref_opt.step()
+    for a, b in zip(model.state_dict().values(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
