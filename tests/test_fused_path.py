@@ -451,3 +451,18 @@ def test_torch_compile_traces_the_fused_path_in_one_graph_without_recompiling():
         ref_opt.step()
     for a, b in zip(model.state_dict().values(), reference.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_native_build_falls_back_to_plain_libm_without_libmvec(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "from mkopt import native; native._MVEC = ['-DMK_WITH_MVEC', '-lno_such_vector_math_library']; "
+        "assert native.available(), native.unavailable_reason(); print(native.probabilities(3, 4, key=5).sum(0).tolist())"
+    )
+    result = subprocess.run([sys.executable, "-c", script], env={**os.environ, "MKOPT_CACHE_DIR": str(tmp_path)},
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(list(tmp_path.glob("*.so"))) == 1

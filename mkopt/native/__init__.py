@@ -41,6 +41,7 @@ import torch
 
 _SOURCE = Path(__file__).with_name("mk_cpu.cpp")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC", "-std=c++17"]
+_MVEC = ["-DMK_WITH_MVEC", "-lmvec"]
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16"}
 SUPPORTED_DTYPES: tuple[torch.dtype, ...] = tuple(_SUFFIX)
 
@@ -107,7 +108,7 @@ def _cpu_flags() -> str:
 def _build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     digest = hashlib.sha256()
-    for part in (_SOURCE.read_bytes(), version.encode(), " ".join(_FLAGS).encode(), _cpu_flags().encode(), platform.machine().encode()):
+    for part in (_SOURCE.read_bytes(), version.encode(), " ".join(_FLAGS + _MVEC).encode(), _cpu_flags().encode(), platform.machine().encode()):
         digest.update(part)
         digest.update(b"\0")
     target = cache_dir() / f"mk_cpu-{digest.hexdigest()[:20]}.so"
@@ -117,7 +118,10 @@ def _build(compiler: str) -> Path:
     fd, scratch = tempfile.mkstemp(prefix=target.stem + ".", suffix=".so.tmp", dir=target.parent)
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", scratch], capture_output=True, text=True)
+        # glibc's vector math library first (vectorized logf for Adv-MK's ascent); without it, plain libm
+        result = subprocess.run([compiler, *_FLAGS, *_MVEC, str(_SOURCE), "-o", scratch], capture_output=True, text=True)
+        if result.returncode != 0:
+            result = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", scratch], capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed to build {_SOURCE.name}:\n{result.stderr[-2000:]}")
         os.chmod(scratch, 0o755)
