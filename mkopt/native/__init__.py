@@ -11,6 +11,9 @@ uses ``-march=native``), so a cache shared by different machines never hands one
 it cannot run. Several processes building at once (DDP ranks) each write their own temporary
 file and ``os.replace`` it into place: every reader sees a complete library.
 
+The build links glibc's vector math library (``-lmvec``: 16 ``logf`` per AVX-512 call for Adv-MK's
+ascent) where it can, and plain libm otherwise.
+
 Without a C++ compiler :func:`available` is False and says why (:func:`unavailable_reason`);
 :class:`mkopt.MKOptimizer` then takes the generic path and warns once.
 
