@@ -187,10 +187,7 @@ def average_probability_grads(opt: MKOptimizer) -> None:
         >>> opt.zero_grad(); model(torch.randn(4, 3)).sum().backward()
         >>> average_probability_grads(opt); opt.ascend_probabilities()
     """
-    if opt._fused is not None:  # the fused path's probe gradient: dL/dW, N values per kernel
-        grads = [kernel.proxy.grad for kernel in opt._fused.kernels]
-    else:
-        grads = [view.grad for view in opt.expansion.sampler.views]
+    grads = opt._probe_grads()  # dL/dp per view (generic), dL/dW per proxy (fused: N values per kernel)
     if any(g is None for g in grads):
         raise RuntimeError(
             "no gradient reached p: run the probe forward/backward (inside ddp.no_sync()) after opt.zero_grad() "

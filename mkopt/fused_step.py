@@ -199,31 +199,37 @@ class FusedUpdate:
     def phase(self, value: str) -> None:
         self.expansion.sampler.fused_phase = value
 
-    # -- the next weight ------------------------------------------------------------------
-    def key(self, slot: ProbabilitySlot, step: int) -> int:
-        """The stream key of ``slot`` at ``step`` (the sampler's, without touching its state)."""
-        return step_seed(self.expansion.sampler.seed, step, self.expansion.sampler.stream_of(slot.key))
+    # -- the stream keys -------------------------------------------------------------------
+    def current_key(self, slot: ProbabilitySlot) -> int:
+        """The stream key of ``slot`` at the sampler's current step (drawn by ``sampler.draw``)."""
+        return self.expansion.sampler.seeds[slot.key]
 
+    def next_key(self, slot: ProbabilitySlot) -> int:
+        """The stream key of ``slot`` at the next step, without touching the sampler's state."""
+        sampler = self.expansion.sampler
+        return step_seed(sampler.seed, sampler.step + 1, sampler.stream_of(slot.key))
+
+    # -- the weight the forward reads --------------------------------------------------------
     @torch.no_grad()
-    def write_weights(self, step: int, uniform: bool | None = None) -> None:
-        """``proxy = sum_k p_step,k W~_k`` for every kernel (after a load, a resume, a manual edit)."""
+    def write_weights(self, uniform: bool | None = None) -> None:
+        """``proxy = sum_k p_k W~_k`` with the current step's ``p`` (after a load, a resume, a manual edit)."""
         uniform = self.uniform if uniform is None else uniform
         for kernel in self.kernels:
             _write_contiguous(kernel.proxy, lambda out: native.mix_(
-                kernel.copies, out, self.key(kernel.slot, step), kernel.slot.offset, uniform))  # fmt: skip
+                kernel.copies, out, self.current_key(kernel.slot), kernel.slot.offset, uniform))  # fmt: skip
         self.weights_are_mean = uniform
 
     # -- adversarial probabilities (appendix B) ---------------------------------------------
-    def arm_probe(self, step: int) -> None:
+    def arm_probe(self) -> None:
         """Start an adversarial step: the proxies hold the mean of the copies, backward yields ``dL/dW``."""
         if not self.weights_are_mean:
-            self.write_weights(step, uniform=True)
+            self.write_weights(uniform=True)
         for kernel in self.kernels:
             kernel.probe = None
         self.phase = "probe"
 
     @torch.no_grad()
-    def ascend(self, step: int, ascent_step: float) -> None:
+    def ascend(self, ascent_step: float) -> None:
         """B.1 / B.2 from the probe's ``dL/dW`` (the proxies' ``.grad``): write ``W_adv`` and its ``s``."""
         self.ascent_step = ascent_step
         for kernel in self.kernels:
@@ -232,7 +238,7 @@ class FusedUpdate:
                 kernel.norm = torch.empty(kernel.proxy.shape, dtype=kernel.proxy.dtype, device=kernel.proxy.device)
             if self.randomize and kernel.mixing is None:
                 kernel.mixing = torch.empty(kernel.proxy.numel(), dtype=kernel.slot.key.dtype, device=kernel.proxy.device)
-            args = self._adversarial_args(kernel, step, kernel.proxy.numel(), kernel.slot.offset)
+            args = self._adversarial_args(kernel, kernel.proxy.numel(), kernel.slot.offset)
             _write_contiguous(kernel.proxy, lambda out: native.ascend_(args, kernel.copies, probe, out, kernel.norm, kernel.mixing))
             kernel.probe = probe
             kernel.slot.adversarial_p = lambda kernel=kernel, args=args: native.adversarial_probabilities(args, kernel.copies, kernel.probe)
@@ -241,14 +247,14 @@ class FusedUpdate:
         self.weights_are_mean = False
         self.phase = "adversarial"
 
-    def _adversarial_args(self, kernel: FusedKernel, step: int, n: int, offset: int) -> native.StepArgs:
+    def _adversarial_args(self, kernel: FusedKernel, n: int, offset: int) -> native.StepArgs:
         return native.StepArgs(
-            n=n, offset=offset, key_now=self.key(kernel.slot, step) & (2**64 - 1), e=kernel.copies.shape[0],
+            n=n, offset=offset, key_now=self.current_key(kernel.slot), e=kernel.copies.shape[0],
             adversarial=1, randomize=int(self.randomize), ascent_step=self.ascent_step,
         )  # fmt: skip
 
     @torch.no_grad()
-    def estimated_entropy(self, step: int, columns: int = 8192, chunks: int = 2) -> float:
+    def estimated_entropy(self, columns: int = 8192, chunks: int = 2) -> float:
         """Mean normalized entropy of this step's adversarial ``p`` on at most ``columns`` elements per kernel
         (``chunks`` evenly spaced runs), weighted by kernel size: a diagnostic, not worth a full pass
         (8 runs per kernel cost ~2.4 ms per step on the paper's MLP, mostly Python; 2 cost ~0.6 ms)."""
@@ -263,15 +269,15 @@ class FusedUpdate:
             for start in starts:
                 copies = kernel.copies.reshape(kernel.copies.shape[0], -1)[:, start : start + run].contiguous()
                 probe = kernel.probe.reshape(-1)[start : start + run].contiguous()
-                args = self._adversarial_args(kernel, step, copies.shape[1], kernel.slot.offset + start)
+                args = self._adversarial_args(kernel, copies.shape[1], kernel.slot.offset + start)
                 values.append(float(normalized_entropy(native.adversarial_probabilities(args, copies, probe))))
             total += sum(values) / len(values) * n
             weight += n
         return total / weight
 
     # -- the step --------------------------------------------------------------------------
-    def step(self, step: int, closure: Any = None) -> Any:
-        """Step every parameter for MK step ``step``; the proxies then hold ``W_step+1``."""
+    def step(self, closure: Any = None) -> Any:
+        """Step every parameter at the sampler's current step ``t``; the proxies then hold ``W_t+1``."""
         loss = None
         if closure is not None:  # as torch's optimizers do: the closure first, then the update
             with torch.enable_grad():
@@ -285,7 +291,7 @@ class FusedUpdate:
                 for param in group["params"]:
                     kernel = self.by_proxy.get(id(param))
                     if kernel is not None:
-                        self._step_kernel(kernel, group, grads.get(id(param)), step)
+                        self._step_kernel(kernel, group, grads.get(id(param)))
         if self.adversarial:
             self.weights_are_mean = True
             self.phase = "probe"
@@ -306,16 +312,14 @@ class FusedUpdate:
                 if id(kernel.proxy) in grads:
                     kernel.proxy.grad = grads[id(kernel.proxy)]
 
-    def _step_kernel(self, kernel: FusedKernel, group: dict[str, Any], grad: torch.Tensor | None, step: int) -> None:
+    def _step_kernel(self, kernel: FusedKernel, group: dict[str, Any], grad: torch.Tensor | None) -> None:
         if grad is not None and grad.is_sparse:
             raise RuntimeError(f"{kernel.name!r} has a sparse gradient: MK kernels need dense gradients")
         proxy, copies, slot = kernel.proxy, kernel.copies, kernel.slot
         e = copies.shape[0]
-        if self.adversarial and (self.phase != "adversarial" or kernel.probe is None):
-            raise RuntimeError("an adversarial step needs its ascent first: opt.ascend_probabilities() before opt.step()")
         args = native.StepArgs(
-            n=proxy.numel(), offset=slot.offset, key_now=self.key(slot, step) & (2**64 - 1),
-            key_next=self.key(slot, step + 1) & (2**64 - 1), e=e, uniform=int(self.uniform),
+            n=proxy.numel(), offset=slot.offset, key_now=self.current_key(slot), key_next=self.next_key(slot), e=e,
+            uniform=int(self.uniform),
             has_grad=int(grad is not None), maximize=int(group.get("maximize", False)), lr=float(group["lr"]),
             weight_decay=float(group.get("weight_decay", 0.0)), grad_scale=1.0,  # lr compensation: in backward
             adversarial=int(self.adversarial), randomize=int(self.randomize), ascent_step=self.ascent_step,

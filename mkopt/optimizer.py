@@ -216,7 +216,7 @@ class MKOptimizer(torch.optim.Optimizer):
     def _descend(self, closure: Callable[[], Any] | None = None) -> Any:
         """The update itself, then the next step's probabilities (fused: the kernels wrote the next W)."""
         if self._fused is not None:
-            loss = self._fused.step(self.mk_step, closure)
+            loss = self._fused.step(closure)
             self._prepare(self.mk_step + 1, weights_written=True)
             return loss
         loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
@@ -272,7 +272,7 @@ class MKOptimizer(torch.optim.Optimizer):
                 "forward/backward, then ascend_probabilities() once"
             )
         sampler = self.expansion.sampler
-        grads = [k.proxy.grad for k in self._fused.kernels] if self._fused is not None else [view.grad for view in sampler.views]
+        grads = self._probe_grads()
         if any(g is None for g in grads):
             raise RuntimeError(
                 "no gradient reached p: run the probe forward/backward in training mode between opt.zero_grad() "
@@ -289,8 +289,8 @@ class MKOptimizer(torch.optim.Optimizer):
         finite = all(bool(torch.isfinite(torch.stack(s).sum())) for s in sums.values())
         eps = self.adversarial_eps * inverse_scale if finite else 0.0
         if self._fused is not None:  # one native pass per kernel writes W_adv; p_adv is recomputed by the update
-            self._fused.ascend(self.mk_step, eps)
-            self.last_p_entropy = self._fused.estimated_entropy(self.mk_step)
+            self._fused.ascend(eps)
+            self.last_p_entropy = self._fused.estimated_entropy()
             self.optimizer.zero_grad(set_to_none=True)
             self._p_uniform = False
             self._phase = "descent"
@@ -321,6 +321,12 @@ class MKOptimizer(torch.optim.Optimizer):
         if self.adversarial and not self._in_closure_step and not self._collapsed:
             self._arm_probe()
 
+    def _probe_grads(self) -> list[torch.Tensor | None]:
+        """The adversarial probe's gradients: ``dL/dp`` per buffer view (generic), ``dL/dW`` per proxy (fused)."""
+        if self._fused is not None:
+            return [kernel.proxy.grad for kernel in self._fused.kernels]
+        return [view.grad for view in self.expansion.sampler.views]
+
     def _prepare(self, step: int, weights_written: bool = False) -> None:
         """Probabilities for step ``step``: drawn, uniform, or armed for the adversarial probe.
 
@@ -333,7 +339,7 @@ class MKOptimizer(torch.optim.Optimizer):
             if self.adversarial:
                 self._arm_probe()
             elif not weights_written:
-                self._fused.write_weights(step)
+                self._fused.write_weights()
         elif self.mode.regenerable:
             sampler.draw(step)
         elif self.mode.uniform:
@@ -344,7 +350,7 @@ class MKOptimizer(torch.optim.Optimizer):
 
     def _arm_probe(self) -> None:
         if self._fused is not None:
-            self._fused.arm_probe(self.mk_step)
+            self._fused.arm_probe()
             self._p_uniform = True
             self._phase = "probe"
             return
@@ -499,7 +505,7 @@ def _with_proxies(groups: Iterable[Any], proxy_of: dict[int, torch.Tensor], prox
 def _rewrite_weights(optimizer_ref: "weakref.ref[MKOptimizer]") -> None:
     optimizer = optimizer_ref()
     if optimizer is not None and optimizer._fused is not None and not optimizer._collapsed:
-        optimizer._fused.write_weights(optimizer.mk_step)
+        optimizer._fused.write_weights()
 
 
 def _check_optimizer_cls(optimizer_cls: Any) -> None:

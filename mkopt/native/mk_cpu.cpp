@@ -271,33 +271,6 @@ void step_probabilities(const StepArgs& a, const T* copies, const T* probe, cons
   else probabilities<A>(a.e, a.key_now, a.offset + b0, len, a.uniform, p);
 }
 
-// The adversarial step's weight W = sum_k p_k W~_k and s = sqrt(sum_k p_k^2) (its gradient's scale).
-template <typename T, typename A>
-void ascend(const StepArgs& a, const T* copies, const T* probe, T* w, T* norm, A* weight) {
-  const int e = a.e;
-  const int64_t n = a.n;
-#pragma omp parallel for schedule(static)
-  for (int64_t b0 = 0; b0 < n; b0 += BLOCK) {
-    const int64_t len = n - b0 < BLOCK ? n - b0 : BLOCK;
-    A p[MAX_E][BLOCK];
-    A acc[BLOCK];
-    A sq[BLOCK];
-    adversarial_probabilities<T, A>(a, copies, probe, b0, len, p, nullptr, weight);
-    for (int k = 0; k < e; ++k) {
-      const T* c = copies + k * n + b0;
-      for (int64_t j = 0; j < len; ++j) {
-        const A term = p[k][j] * Io<T, A>::load(c, j);
-        acc[j] = k == 0 ? term : acc[j] + term;
-        sq[j] = k == 0 ? p[k][j] * p[k][j] : sq[j] + p[k][j] * p[k][j];
-      }
-    }
-    for (int64_t j = 0; j < len; ++j) {
-      Io<T, A>::store(w + b0, j, acc[j]);
-      Io<T, A>::store(norm + b0, j, std::sqrt(sq[j]));
-    }
-  }
-}
-
 // w[b0 .. b0 + len] = sum_k p_k * copies[k][b0 ..] (accumulated in A, in copy order, cast once).
 template <typename T, typename A>
 void mix_block(int e, int64_t n, const T* copies, T* w, int64_t b0, int64_t len, A (*p)[BLOCK]) {
@@ -310,6 +283,31 @@ void mix_block(int e, int64_t n, const T* copies, T* w, int64_t b0, int64_t len,
     }
   }
   for (int64_t j = 0; j < len; ++j) Io<T, A>::store(w + b0, j, acc[j]);
+}
+
+// s[j] = sqrt(sum_k p_k[j]^2) for a block: the scale of the proxy's gradient (its norm is the copies').
+template <typename A>
+void norm_block(int e, int64_t len, A (*p)[BLOCK], A* s) {
+  for (int k = 0; k < e; ++k)
+    for (int64_t j = 0; j < len; ++j) s[j] = k == 0 ? p[k][j] * p[k][j] : s[j] + p[k][j] * p[k][j];
+  for (int64_t j = 0; j < len; ++j) s[j] = std::sqrt(s[j]);
+}
+
+// The adversarial step's weight W = sum_k p_k W~_k and s = sqrt(sum_k p_k^2) (its gradient's scale).
+template <typename T, typename A>
+void ascend(const StepArgs& a, const T* copies, const T* probe, T* w, T* norm, A* weight) {
+  const int e = a.e;
+  const int64_t n = a.n;
+#pragma omp parallel for schedule(static)
+  for (int64_t b0 = 0; b0 < n; b0 += BLOCK) {
+    const int64_t len = n - b0 < BLOCK ? n - b0 : BLOCK;
+    A p[MAX_E][BLOCK];
+    A s[BLOCK];
+    adversarial_probabilities<T, A>(a, copies, probe, b0, len, p, nullptr, weight);
+    mix_block<T, A>(e, n, copies, w, b0, len, p);
+    norm_block<A>(e, len, p, s);
+    for (int64_t j = 0; j < len; ++j) Io<T, A>::store(norm + b0, j, s[j]);
+  }
 }
 
 template <typename T, typename A>
@@ -330,23 +328,20 @@ void scale_grad(int e, int64_t n, int64_t offset, uint64_t key, bool uniform, co
   for (int64_t b0 = 0; b0 < n; b0 += BLOCK) {
     const int64_t len = n - b0 < BLOCK ? n - b0 : BLOCK;
     A p[MAX_E][BLOCK];
-    A sq[BLOCK];
+    A s[BLOCK];
     probabilities<A>(e, key, offset + b0, len, uniform, p);
-    for (int k = 0; k < e; ++k)
-      for (int64_t j = 0; j < len; ++j) sq[j] = k == 0 ? p[k][j] * p[k][j] : sq[j] + p[k][j] * p[k][j];
-    for (int64_t j = 0; j < len; ++j) Io<T, A>::store(out + b0, j, std::sqrt(sq[j]) * Io<T, A>::load(grad + b0, j));
+    norm_block<A>(e, len, p, s);
+    for (int64_t j = 0; j < len; ++j) Io<T, A>::store(out + b0, j, s[j] * Io<T, A>::load(grad + b0, j));
   }
 }
 
 // g_k = p_k / s * grad (= p_k * dL/dW), sign and lr compensation applied, per column of the block.
 template <typename T, typename A>
 void per_copy_factor(const StepArgs& a, const T* grad, int64_t b0, int64_t len, A (*p)[BLOCK], A* factor) {
-  const int e = a.e;
-  A sq[BLOCK];
-  for (int k = 0; k < e; ++k)
-    for (int64_t j = 0; j < len; ++j) sq[j] = k == 0 ? p[k][j] * p[k][j] : sq[j] + p[k][j] * p[k][j];
+  A s[BLOCK];
+  norm_block<A>(a.e, len, p, s);
   const A sign = A(a.maximize ? -a.grad_scale : a.grad_scale);
-  for (int64_t j = 0; j < len; ++j) factor[j] = sign * Io<T, A>::load(grad + b0, j) / std::sqrt(sq[j]);
+  for (int64_t j = 0; j < len; ++j) factor[j] = sign * Io<T, A>::load(grad + b0, j) / s[j];
 }
 
 // The skeleton every fused update shares, per block of columns: p_t (stream or adversarial), the
