@@ -15,12 +15,14 @@ from .expand import Expansion, expand, expansion_of, is_expanded
 from .fused import mix_regenerated
 from .modes import PROBABILITY_MODES, ProbabilityMode, register_probability_mode
 from .optimizer import MKOptimizer
+from . import optim  # noqa: E402  (mkopt.optim.SGD / Adam / AdamW / wrap: the params form)
 from .parametrization import MajorityKernel, mean_of_copies, mix_copies
 from .sampling import DirichletSampler, fill_dirichlet_
 from .targets import is_default_kernel, select_targets
 
 __all__ = [
     "MKOptimizer",
+    "optim",
     "PROBABILITY_MODES",
     "ProbabilityMode",
     "register_probability_mode",

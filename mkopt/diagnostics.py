@@ -27,12 +27,12 @@ def copy_spread(opt: "MKOptimizer", collapse_threshold: float = 1e-4) -> dict[st
     """
     stats: dict[str, float] = {}
     deviation_total = norm_total = 0.0
-    for target in opt.expansion.targets:
-        stacked = target.param.detach().float()
+    for name, copies in opt.named_copies():
+        stacked = copies.detach().float()
         mean = stacked.mean(0)
         deviation = torch.linalg.vector_norm((stacked - mean).flatten(1), dim=1).mean()
         norm = torch.linalg.vector_norm(mean)
-        stats[f"spread/{target.name}"] = float(deviation / norm.clamp_min(1e-30))
+        stats[f"spread/{name}"] = float(deviation / norm.clamp_min(1e-30))
         deviation_total += float(deviation) ** 2
         norm_total += float(norm) ** 2
     stats["spread"] = (deviation_total / max(norm_total, 1e-60)) ** 0.5

@@ -214,6 +214,7 @@ def expand(
     parameter_orders: dict[str, list[str]] = {}
     views = [sampler.allocate(t.param.device, t.param.dtype, t.param.shape) for t in chosen]
     sampler.draw(0)  # registration runs the parametrization once: p must exist
+    sampler.driven = True  # ... and that forward is not training: no "never redrawn" warning for it
     for index, (target, p) in enumerate(zip(chosen, views)):
         copies = _replicate(e) if init == "replicate" else _independent(e, seed, index, target)
         for number, owner in enumerate(target.owners):
@@ -231,6 +232,7 @@ def expand(
     for target in chosen:
         store[tuple(target.name.split("."))] = target.param
     requires_grad = [t.param.requires_grad for t in chosen]
+    sampler.driven = False  # until an MKOptimizer adopts the expansion
     expansion = Expansion(e, init, seed, chosen, sampler, store, original_keys, parameter_orders, requires_grad)
     object.__setattr__(model, _EXPANSION_ATTR, expansion)
     return expansion

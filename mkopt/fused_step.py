@@ -29,7 +29,7 @@ from torch import nn
 from . import native
 from .expand import Expansion
 from .modes import ProbabilityMode
-from .sampling import ProbabilitySlot, step_seed
+from .sampling import DirichletSampler, ProbabilitySlot, step_seed
 
 FUSED_OPTIMIZERS: dict[type[torch.optim.Optimizer], str] = {
     torch.optim.SGD: "sgd",
@@ -177,9 +177,9 @@ class FusedUpdate:
     through ``optimizer.step()``.
     """
 
-    def __init__(self, expansion: Expansion, kernels: list[FusedKernel], optimizer: torch.optim.Optimizer,
+    def __init__(self, sampler: DirichletSampler, kernels: list[FusedKernel], optimizer: torch.optim.Optimizer,
                  mode: ProbabilityMode) -> None:  # fmt: skip
-        self.expansion = expansion
+        self.sampler = sampler
         self.kernels = kernels
         self.by_proxy = {id(k.proxy): k for k in kernels}
         self.optimizer = optimizer
@@ -193,20 +193,20 @@ class FusedUpdate:
     @property
     def phase(self) -> str:
         """``"stream"`` (Dirichlet or uniform p), ``"probe"`` or ``"adversarial"`` (the adversarial modes)."""
-        return self.expansion.sampler.fused_phase
+        return self.sampler.fused_phase
 
     @phase.setter
     def phase(self, value: str) -> None:
-        self.expansion.sampler.fused_phase = value
+        self.sampler.fused_phase = value
 
     # -- the stream keys -------------------------------------------------------------------
     def current_key(self, slot: ProbabilitySlot) -> int:
         """The stream key of ``slot`` at the sampler's current step (drawn by ``sampler.draw``)."""
-        return self.expansion.sampler.seeds[slot.key]
+        return self.sampler.seeds[slot.key]
 
     def next_key(self, slot: ProbabilitySlot) -> int:
         """The stream key of ``slot`` at the next step, without touching the sampler's state."""
-        sampler = self.expansion.sampler
+        sampler = self.sampler
         return step_seed(sampler.seed, sampler.step + 1, sampler.stream_of(slot.key))
 
     # -- the weight the forward reads --------------------------------------------------------
@@ -347,7 +347,7 @@ class FusedUpdate:
         state = self.optimizer.state[proxy]
         _check_state(kernel, state)
         amsgrad = bool(group["amsgrad"])
-        if len(state) == 0:
+        if "exp_avg" not in state:  # the params form keeps its copies in this dict too
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
             state["exp_avg"] = torch.zeros_like(copies, memory_format=torch.contiguous_format)
             state["exp_avg_sq"] = torch.zeros_like(copies, memory_format=torch.contiguous_format)

@@ -15,14 +15,16 @@ from torch import nn
 from . import adversarial, native
 from .deploy import collapse
 from .diagnostics import copy_spread
-from .expand import Expansion, Init, expand
+from .expand import Expansion, Init, expand, expansion_of, is_expanded
 from .modes import probability_mode
+from .parametrization import MajorityKernel
 from .fused_step import FusedUpdate, attach_proxies, detach_proxies, fused_path_blocker
 from .targets import TargetSpec, select_targets
 
 PATHS: tuple[str, ...] = ("auto", "fused", "generic")
 
 _STATE_VERSION = 3  # 3: Dirichlet draws for 4 <= e <= 16 by uniform spacings (e <= 3 unchanged)
+STATE_KEY = "mkopt"  # MK's own state in an optimizer state_dict (top level, and in every saved param group)
 
 
 class MKOptimizer(torch.optim.Optimizer):
@@ -37,10 +39,11 @@ class MKOptimizer(torch.optim.Optimizer):
     Args:
         optimizer_cls: a ``torch.optim.Optimizer`` subclass, e.g. ``torch.optim.SGD`` (not an instance).
         model: the model to train; expanded in place.
-        e: expansion factor (copies per kernel), an int >= 1.
+        e: expansion factor (copies per kernel), an int >= 1; default 3, or the ``e`` of a model already
+            :func:`mkopt.expand`-ed (whose copies are then trained as they are).
         targets: which tensors to expand (see :mod:`mkopt.targets`); default every floating ``ndim >= 2`` parameter.
         init: ``"replicate"`` (default) or ``"independent"`` initialization of the copies.
-        seed: seed of the probability stream.
+        seed: seed of the probability stream (default 0, or the expanded model's).
         probabilities: ``"dirichlet"`` (default, Eq. 4.2), ``"uniform"`` (``p = 1/e``, Lemma 4.3's
             case, for ablations), ``"adversarial"`` (Algorithm B.1) or ``"adv-mk"`` (B.2). The last
             two take two passes per step: ``step(closure)``, or the two-call form (see
@@ -83,11 +86,11 @@ class MKOptimizer(torch.optim.Optimizer):
         self,
         optimizer_cls: type[torch.optim.Optimizer],
         model: nn.Module,
-        e: int = 3,
+        e: int | None = None,
         *,
         targets: TargetSpec = None,
         init: Init = "replicate",
-        seed: int = 0,
+        seed: int | None = None,
         probabilities: str = "dirichlet",
         adversarial_eps: float = adversarial.DEFAULT_ADVERSARIAL_EPS,
         lr_compensation: bool = False,
@@ -124,13 +127,21 @@ class MKOptimizer(torch.optim.Optimizer):
         self.probabilities = probabilities
         self.adversarial_eps = float(adversarial_eps)
         self.lr_compensation = bool(lr_compensation)
-        self.path = _choose_path(path, optimizer_cls, model, targets, e, optimizer_kwargs)
+        existing = _existing_expansion(model, e, seed, targets)
+        if existing is not None:
+            e = existing.e
+        self.path = _choose_path(path, optimizer_cls, model, targets, 3 if e is None else e, optimizer_kwargs)
         fused = self.path == "fused"
-        self.expansion: Expansion = expand(
-            model, e, targets=targets, init=init, seed=seed, sampler_compile=sampler_compile,
-            keep_p_buffer=not self.mode.regenerable,  # uniform and adversarial p are not a stream
-            regenerate_p=True if fused else None,  # the native kernels regenerate p themselves
-        )  # fmt: skip
+        if existing is not None:  # expand() ran first: train its copies
+            self.expansion = _adopt(existing, fused, self.mode.regenerable)
+        else:
+            self.expansion = expand(
+                model, 3 if e is None else e, targets=targets, init=init, seed=0 if seed is None else seed,
+                sampler_compile=sampler_compile,
+                keep_p_buffer=not self.mode.regenerable,  # uniform and adversarial p are not a stream
+                regenerate_p=True if fused else None,  # the native kernels regenerate p themselves
+            )  # fmt: skip
+        self.expansion.sampler.driven = True
         if lr_compensation:
             for module in model.modules():
                 if hasattr(module, "grad_scale") and hasattr(module, "tied"):
@@ -142,7 +153,7 @@ class MKOptimizer(torch.optim.Optimizer):
             kernels = attach_proxies(self.expansion)
             groups = _with_proxies(groups, {id(k.copies): k.proxy for k in kernels}, {id(k.proxy) for k in kernels})
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
-            self._fused = FusedUpdate(self.expansion, kernels, self.optimizer, self.mode)
+            self._fused = FusedUpdate(self.expansion.sampler, kernels, self.optimizer, self.mode)
             # the proxies are a function of the copies: loading the model's state_dict rewrites them
             this = weakref.ref(self)
             model.register_load_state_dict_post_hook(lambda module, keys: _rewrite_weights(this))
@@ -156,6 +167,7 @@ class MKOptimizer(torch.optim.Optimizer):
         self._shares_groups = True
         self._phase = "plain"  # adversarial modes: "probe" (p = 1/e, recording dL/dp) or "descent"
         self._in_closure_step = False
+        self._evaluating = False
         self.last_p_entropy: float | None = None
         self._prepare(0)
 
@@ -179,6 +191,10 @@ class MKOptimizer(torch.optim.Optimizer):
     @property
     def adversarial(self) -> bool:
         return self.mode.two_pass
+
+    def named_copies(self) -> list[tuple[str, torch.Tensor]]:
+        """``(name, [e, *shape] copies)`` of every expanded kernel (tied kernels once, by their first name)."""
+        return [(target.name, target.param) for target in self.expansion.targets]
 
     def trained_parameters(self) -> int:
         """How many values are trained: ``e`` copies of every kernel plus every other parameter.
@@ -204,6 +220,8 @@ class MKOptimizer(torch.optim.Optimizer):
         """
         if self._collapsed:
             raise RuntimeError("this MKOptimizer's model was collapsed: build a plain optimizer to keep training it")
+        if self._evaluating:
+            raise RuntimeError("the optimizer is in eval mode (the model reads the mean): call opt.train() before training")
         if self.adversarial and closure is not None:
             return self._two_pass_step(closure)
         if self.adversarial and self._phase != "descent":
@@ -363,6 +381,34 @@ class MKOptimizer(torch.optim.Optimizer):
         self._p_uniform = True
         self._phase = "probe"
 
+    # -- evaluation at the mean ---------------------------------------------------------------
+    def eval(self) -> None:
+        """Make the model read the plain mean of the copies even in training mode; :meth:`train` undoes it.
+
+        ``model.eval()`` already evaluates at the mean; this is the optimizer-side switch that
+        Hugging Face's ``Trainer`` calls around evaluation (the schedule-free convention), and it
+        keeps dropout and batch-norm statistics as they are. Idempotent; training state is untouched.
+
+        Example:
+            >>> import torch, mkopt
+            >>> model = torch.nn.Linear(4, 2)
+            >>> opt = mkopt.MKOptimizer(torch.optim.SGD, model, e=3, lr=0.1)
+            >>> opt.eval(); torch.equal(model.weight, mkopt.mean_of_copies(model.parametrizations.weight.original))
+            True
+            >>> opt.train()
+        """
+        self._set_read_mean(True)
+
+    def train(self) -> None:
+        """Undo :meth:`eval`: the training forward mixes the copies with this step's ``p`` again."""
+        self._set_read_mean(False)
+
+    def _set_read_mean(self, value: bool) -> None:
+        for module in self.model.modules():
+            if isinstance(module, MajorityKernel):
+                module.read_mean = value
+        self._evaluating = value
+
     # -- collapse, diagnostics, state -------------------------------------------------------
     def collapse(self) -> nn.Module:
         """Fold the model in place into its plain form (mean kernels) and return it; ends MK training."""
@@ -388,29 +434,36 @@ class MKOptimizer(torch.optim.Optimizer):
         return copy_spread(self, collapse_threshold)
 
     def state_dict(self) -> dict[str, Any]:
-        """The wrapped optimizer's state plus what reproduces the probability stream."""
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "mkopt": {
-                "version": _STATE_VERSION,
-                "e": self.e,
-                "seed": self.expansion.seed,
-                "step": self.mk_step,
-                "probabilities": self.probabilities,
-                "adversarial_eps": self.adversarial_eps,
-                "lr_compensation": self.lr_compensation,
-                "path": self.path,  # informative: either path loads the other's state
-            },
+        """The wrapped optimizer's state in torch's layout (``state``, ``param_groups``) plus MK's own
+        state under ``"mkopt"`` (also copied into every saved param group: ``torch.distributed.checkpoint``
+        keeps only ``state`` and ``param_groups``).
+
+        Example:
+            >>> import torch, mkopt
+            >>> opt = mkopt.MKOptimizer(torch.optim.Adam, torch.nn.Linear(4, 2), e=3)
+            >>> sorted(opt.state_dict()), opt.state_dict()["mkopt"]["step"]
+            (['mkopt', 'param_groups', 'state'], 0)
+        """
+        saved = self.optimizer.state_dict()
+        mk = {
+            "version": _STATE_VERSION,
+            "e": self.e,
+            "seed": self.expansion.seed,
+            "step": self.mk_step,
+            "probabilities": self.probabilities,
+            "adversarial_eps": self.adversarial_eps,
+            "lr_compensation": self.lr_compensation,
+            "path": self.path,  # informative: either path loads the other's state
         }
+        for group in saved["param_groups"]:
+            group[STATE_KEY] = dict(mk)
+        saved[STATE_KEY] = mk
+        return saved
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; the next forward uses exactly the saved run's ``p``."""
-        if not isinstance(state_dict, dict) or "mkopt" not in state_dict or "optimizer" not in state_dict:
-            raise ValueError(
-                "not an MKOptimizer state_dict (expected keys 'optimizer' and 'mkopt'); to start from a plain "
-                "optimizer's state, train a few steps instead: its moments refer to the unexpanded tensors"
-            )
-        mk = state_dict["mkopt"]
+        """Restore a :meth:`state_dict` (either path's; also the older ``{"optimizer", "mkopt"}`` layout);
+        the next forward uses exactly the saved run's ``p``."""
+        mk, state_dict = split_mk_state(state_dict)
         if mk["e"] != self.e:
             raise ValueError(f"state_dict was saved with e={mk['e']} but this MKOptimizer has e={self.e}")
         saved_mode = mk.get("probabilities", "dirichlet")
@@ -427,7 +480,7 @@ class MKOptimizer(torch.optim.Optimizer):
                 RuntimeWarning,
                 stacklevel=2,
             )
-        self.optimizer.load_state_dict(state_dict["optimizer"])
+        self.optimizer.load_state_dict(state_dict)
         # Optimizer.load_state_dict replaces param_groups and state: share the new objects again.
         self.param_groups = self.optimizer.param_groups
         self.state = self.optimizer.state
@@ -449,13 +502,77 @@ class MKOptimizer(torch.optim.Optimizer):
         )
 
 
+def split_mk_state(state_dict: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(MK's own state, the torch optimizer's state_dict)`` from an mkopt optimizer ``state_dict``.
+
+    Reads torch's layout with ``"mkopt"`` at the top or in the param groups (what
+    ``torch.distributed.checkpoint`` hands back), and the older ``{"optimizer", "mkopt"}`` layout.
+
+    Example:
+        >>> mk, torch_state = split_mk_state({"state": {}, "param_groups": [{"params": [], "mkopt": {"step": 4}}]})
+        >>> mk["step"], torch_state["param_groups"]
+        (4, [{'params': []}])
+    """
+    if isinstance(state_dict, dict) and "optimizer" in state_dict and STATE_KEY in state_dict:  # before torch's layout
+        return state_dict[STATE_KEY], state_dict["optimizer"]
+    if not isinstance(state_dict, dict) or "param_groups" not in state_dict:
+        raise ValueError(
+            "not an mkopt optimizer state_dict (expected torch's 'state' and 'param_groups' with an 'mkopt' entry); to "
+            "start from a plain optimizer's state, train a few steps instead: its moments refer to the unexpanded tensors"
+        )
+    mk = state_dict.get(STATE_KEY) or next((g[STATE_KEY] for g in state_dict["param_groups"] if STATE_KEY in g), None)
+    if mk is None:
+        raise ValueError(
+            "not an MKOptimizer state_dict (it has no 'mkopt' entry): a plain torch optimizer saved it, whose moments "
+            "refer to the unexpanded tensors; start MK from the model's weights instead"
+        )
+    groups = [{k: v for k, v in group.items() if k != STATE_KEY} for group in state_dict["param_groups"]]
+    return mk, {**{k: v for k, v in state_dict.items() if k != STATE_KEY}, "param_groups": groups}
+
+
+def _existing_expansion(model: nn.Module, e: Any, seed: Any, targets: TargetSpec) -> Expansion | None:
+    """The expansion of a model that ``mkopt.expand`` already expanded (checked against the arguments), else ``None``."""
+    if not is_expanded(model):
+        return None
+    existing = expansion_of(model)
+    if getattr(existing.sampler, "driven", False):
+        raise ValueError(
+            f"{type(model).__name__} is already trained by an MKOptimizer: build one MKOptimizer per model, or "
+            "deploy/collapse it (mkopt.deploy(model) / opt.collapse()) before starting again"
+        )
+    if e is not None and e != existing.e:
+        raise ValueError(f"the model was expanded with e={existing.e} but MKOptimizer got e={e!r}: drop e= or pass e={existing.e}")
+    if seed is not None and seed != existing.seed:
+        raise ValueError(f"the model was expanded with seed={existing.seed} but MKOptimizer got seed={seed!r}: drop seed=")
+    if targets is not None:
+        raise ValueError("the model is already expanded, so its targets are chosen: drop targets= (or pass it to expand())")
+    return existing
+
+
+def _adopt(expansion: Expansion, fused: bool, regenerable: bool) -> Expansion:
+    """Train an expansion made by :func:`mkopt.expand`: fit its sampler to the path and the probability mode."""
+    sampler = expansion.sampler
+    if fused:
+        sampler.regenerate = True  # the native kernels regenerate p: the buffers are not read again
+        sampler.buffers.clear()
+    elif sampler.regenerate and not regenerable:
+        raise ValueError(
+            "this probability mode keeps p in a buffer on the generic path, but the model was expanded without one: "
+            "expand it with mkopt.expand(model, e, keep_p_buffer=True), or let MKOptimizer expand it"
+        )
+    return expansion
+
+
 def _choose_path(path: str, optimizer_cls: type, model: nn.Module, targets: TargetSpec, e: Any, optimizer_kwargs: dict[str, Any]) -> str:
     """``"fused"`` or ``"generic"`` for the requested ``path`` (``"fused"`` that cannot run raises why)."""
     if path == "generic":
         return path
     if isinstance(e, bool) or not isinstance(e, int):
         return "generic"  # expand() rejects it with its own message
-    params = [t.param for t in select_targets(model, targets)]
+    if is_expanded(model):
+        params = [t.param[0] for t in expansion_of(model).targets]  # one copy: the kernel's device and dtype
+    else:
+        params = [t.param for t in select_targets(model, targets)]
     blocker = fused_path_blocker(optimizer_cls, params, e, optimizer_kwargs)
     if blocker is None:
         return "fused"

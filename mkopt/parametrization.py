@@ -7,6 +7,7 @@ Eval mode: ``W = mean_k W~[k]``, the deployable kernel. The mode follows ``modul
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any
 
 import torch
@@ -74,6 +75,18 @@ def mean_of_copies(stacked: torch.Tensor) -> torch.Tensor:
     return stacked.mean(0)
 
 
+def _warn_undriven(sampler: Any) -> None:
+    """One warning per expansion trained without an MKOptimizer: nothing would ever redraw ``p``."""
+    sampler.driven = None  # warned
+    warnings.warn(
+        "an expanded model runs a training forward, but no MKOptimizer drives it: p is never redrawn and the "
+        "copies' optimizer does not know they are copies. Build mkopt.MKOptimizer(optimizer_cls, model) on the "
+        "expanded model (it adopts the copies), or use mkopt.optim.SGD/Adam/AdamW on the plain model",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
 class MajorityKernel(nn.Module):
     """Parametrization turning a ``[e, *shape]`` stack into the ``[*shape]`` tensor a module reads.
 
@@ -104,6 +117,7 @@ class MajorityKernel(nn.Module):
         self.grad_scale = 1.0  # set by MKOptimizer(lr_compensation=True)
         self.register_parameter("proxy", None)  # the fused path's N-sized weight (see mkopt.fused_step)
         self.adversarial_norm: torch.Tensor | None = None  # the fused path's s of this step's adversarial p
+        self.read_mean = False  # MKOptimizer.eval(): the training forward reads the mean too
 
     def attach_proxy(self, proxy: nn.Parameter | None) -> None:
         """Make the training forward read ``proxy`` (the fused path), or mix the copies again (``None``).
@@ -139,8 +153,10 @@ class MajorityKernel(nn.Module):
         return self.slot is not None and self.slot.sampler.regenerate
 
     def forward(self, stacked: torch.Tensor) -> torch.Tensor:
-        if not self.training:
+        if not self.training or self.read_mean:
             return mean_of_copies(stacked)
+        if self.slot is not None and self.slot.sampler.driven is False:
+            _warn_undriven(self.slot.sampler)
         device = self.slot.device if self._regenerated else self._p.device
         if device != stacked.device:
             raise RuntimeError(

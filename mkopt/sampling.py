@@ -162,6 +162,7 @@ class DirichletSampler:
         self.fused_phase = "stream"  # the fused path: "stream", or an adversarial "probe" / "adversarial" pass
         self._constants: dict[torch.device, torch.Tensor] = {}
         self.step: int | None = None
+        self.driven: bool | None = False  # an MKOptimizer redraws p (None: trained without one, warned)
 
     def stream_of(self, key: BufferKey) -> int:
         """The stream number of the tensors stored under ``key`` (order of first allocation)."""

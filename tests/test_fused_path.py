@@ -79,7 +79,7 @@ def assert_close_states(fused, generic, rtol):
     for key in a:
         scale = b[key].double().abs().max().clamp_min(1e-12)
         assert float((a[key].double() - b[key].double()).abs().max() / scale) <= rtol, key
-    sa, sb = opt_f.state_dict()["optimizer"]["state"], opt_g.state_dict()["optimizer"]["state"]
+    sa, sb = opt_f.state_dict()["state"], opt_g.state_dict()["state"]
     assert sorted(sa) == sorted(sb)
     for index in sa:
         assert sorted(sa[index]) == sorted(sb[index])
@@ -216,8 +216,8 @@ def test_grad_scaler_skips_an_overflowing_step_untouched():
         assert torch.equal(a, b)
     for a, b in zip(model.parameters(), before[2]):
         assert torch.equal(a, b)
-    state = opt.state_dict()["optimizer"]["state"]
-    for index, entry in before[1]["optimizer"]["state"].items():
+    state = opt.state_dict()["state"]
+    for index, entry in before[1]["state"].items():
         for name, value in entry.items():
             assert torch.equal(state[index][name], value)
     assert torch.equal(model[0].parametrizations.weight[0].p, p_before)

@@ -1,0 +1,531 @@
+"""Majority Kernels as torch-style optimizers over ordinary parameters: the *params form*.
+
+``mkopt.optim.SGD(model.parameters(), lr=0.1, e=3)`` is built like ``torch.optim.SGD``, from
+parameters, so every framework that builds the optimizer itself can use it (Hugging Face's
+``Trainer(optimizer_cls_and_kwargs=...)``, Lightning's ``configure_optimizers``, config-driven
+``_component_`` factories). The model is not rewritten: each target parameter ``W`` keeps its
+class, name and size and holds the weight the training forward reads, ``W_t = sum_k p_t,k W~_k``;
+its ``e`` copies ``W~`` live in the optimizer state (``state[W]["copies"]``, ``[e, *W.shape]``)
+beside torch's own state keys. Backward gives ``W.grad = s * dL/dW`` with ``s = sqrt(sum_k
+p_k^2)`` (a gradient hook), so clipping, GradScaler, accumulation and DDP see the norms the
+copies' gradients have, exactly as on :class:`mkopt.MKOptimizer`'s fused path. ``step()`` updates
+the copies and their state and writes ``W_t+1``. :meth:`MKParamOptimizer.eval` swaps every
+target to the mean of its copies (what is evaluated and deployed), :meth:`~MKParamOptimizer.train`
+swaps back, bit for bit.
+
+SGD, Adam and AdamW run the fused native kernels (one pass per element and step, CPU); any other
+optimizer class goes through :func:`wrap` and runs the generic path (the wrapped optimizer steps the
+``[e, *shape]`` copies with gradients ``p_k * dL/dW``). Both forms draw the same ``p``: for the same
+targets in the same order, ``mkopt.optim.SGD(model.parameters(), ...)`` trains exactly like
+``MKOptimizer(torch.optim.SGD, model, ...)``.
+
+Example:
+    >>> import torch, mkopt
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    >>> opt = mkopt.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, e=3)
+    >>> x, y = torch.randn(32, 8), torch.randint(0, 2, (32,))
+    >>> for _ in range(3):
+    ...     opt.zero_grad(); torch.nn.functional.cross_entropy(model(x), y).backward(); opt.step()
+    >>> tuple(opt.state[model[0].weight]["copies"].shape)
+    (3, 16, 8)
+    >>> opt.eval()                 # the model now holds the mean of the copies: evaluate, save, ship
+    >>> torch.equal(model[0].weight, opt.state[model[0].weight]["copies"].mean(0))
+    True
+    >>> opt.train()                # back to this step's training weights
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from . import adversarial, native
+from .diagnostics import copy_spread
+from .expand import _check_e
+from .fused_step import FusedKernel, FusedUpdate, fused_path_blocker, scale_grad_op
+from .modes import probability_mode
+from .optimizer import PATHS, _STATE_VERSION, _check_optimizer_cls, _warn_once_without_native
+from .parametrization import mean_of_copies
+from .sampling import DirichletSampler, ProbabilitySlot
+
+TargetChoice = Callable[[torch.Tensor], bool] | Iterable[torch.Tensor] | None
+STATE_KEY = "mkopt"  # MK's own state: a top-level key, and a copy in every saved param group (DCP keeps only those)
+
+
+def is_default_target(param: torch.Tensor) -> bool:
+    """The paper's kernels among plain parameters: trainable floating tensors with ``ndim >= 2``.
+
+    Example:
+        >>> lin = torch.nn.Linear(3, 2)
+        >>> is_default_target(lin.weight), is_default_target(lin.bias)
+        (True, False)
+    """
+    return param.requires_grad and param.is_floating_point() and param.dim() >= 2
+
+
+class MKParamOptimizer(torch.optim.Optimizer):
+    """Majority-Kernels training over ordinary parameters; subclasses made by :func:`wrap` name the optimizer.
+
+    Args (beyond the wrapped optimizer's own, e.g. ``lr``, ``momentum``, ``betas``):
+        params: parameters or parameter groups, as for any ``torch.optim`` optimizer.
+        e: copies per kernel (an int >= 1; the paper uses 3).
+        seed: seed of the probability stream (``p`` of step ``t`` is a function of ``(seed, t)``).
+        probabilities: ``"dirichlet"`` (default, Eq. 4.2) or ``"uniform"`` (``p = 1/e``, Lemma 4.3).
+            The adversarial modes take a probe pass through the model's parametrizations: use
+            :class:`mkopt.MKOptimizer` for them.
+        init: ``"replicate"`` (default): every copy starts as the parameter's current value.
+        targets: which parameters get copies: ``None`` (default: trainable floating tensors with
+            ``ndim >= 2``, see :func:`is_default_target`), a predicate ``param -> bool``, or an
+            iterable of the parameters themselves. The others are stepped plainly.
+        lr_compensation: scale the copies' gradients by ``e`` (SGD family only; see
+            :class:`mkopt.MKOptimizer`).
+        path: ``"auto"`` (default), ``"fused"`` or ``"generic"``, as for :class:`mkopt.MKOptimizer`.
+        sampler_compile: compile the generic path's probability sampler (``None``: on CPU).
+
+    Example:
+        >>> import torch, mkopt
+        >>> lin = torch.nn.Linear(4, 2)
+        >>> opt = mkopt.optim.AdamW(lin.parameters(), lr=1e-3, e=4)
+        >>> opt.path, opt.e, opt.trained_parameters() == 4 * 8 + 2
+        ('fused', 4, True)
+    """
+
+    optimizer_cls: ClassVar[type[torch.optim.Optimizer]]
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        *args: Any,
+        e: int = 3,
+        seed: int = 0,
+        probabilities: str = "dirichlet",
+        init: str = "replicate",
+        targets: TargetChoice = None,
+        lr_compensation: bool = False,
+        path: str = "auto",
+        sampler_compile: bool | None = None,
+        **optimizer_kwargs: Any,
+    ) -> None:
+        optimizer_cls = type(self).__dict__.get("optimizer_cls") or getattr(type(self), "optimizer_cls", None)
+        if optimizer_cls is None:
+            raise TypeError("MKParamOptimizer is a base class: use mkopt.optim.SGD / Adam / AdamW or mkopt.optim.wrap(cls)")
+        _check_optimizer_cls(optimizer_cls)
+        e = _check_e(e)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed={seed!r} must be an int")
+        if path not in PATHS:
+            raise ValueError(f"path={path!r} is unknown: use one of {PATHS}")
+        self.mode = probability_mode(probabilities)
+        if self.mode.two_pass:
+            raise ValueError(
+                f"probabilities={probabilities!r} needs a probe pass at the mean of the copies, which the params form "
+                "cannot insert into your model: use mkopt.MKOptimizer(optimizer_cls, model, probabilities=...) for "
+                "the adversarial modes"
+            )
+        if init != "replicate":
+            raise ValueError(
+                f"init={init!r}: the params form only knows the parameters, not the layers' initializers, so it "
+                "replicates (init='replicate'); for independently drawn copies use mkopt.MKOptimizer(..., init='independent')"
+            )
+        if lr_compensation and not issubclass(optimizer_cls, torch.optim.SGD):
+            raise ValueError(
+                f"lr_compensation=True changes the step only of optimizers linear in the gradient (torch.optim.SGD and "
+                f"subclasses); {optimizer_cls.__name__} is scale-invariant: raise its lr instead"
+            )
+        groups = _as_groups(params)
+        chosen = _choose_targets(groups, targets)
+        self.probabilities = probabilities
+        self.lr_compensation = bool(lr_compensation)
+        self.grad_scale = float(e) if lr_compensation else 1.0
+        self.path = _choose_path(path, optimizer_cls, chosen, e, optimizer_kwargs)
+        self.sampler = DirichletSampler(e, seed, compiled=sampler_compile, regenerate=True)
+        self.sampler.uniform = self.mode.uniform
+        self._slots: dict[int, ProbabilitySlot] = {}
+        self._targets: list[torch.Tensor] = chosen
+        for param in chosen:
+            self._slots[id(param)] = self.sampler.allocate(param.device, param.dtype, param.shape)
+        self.sampler.draw(0)
+        self._evaluating = False
+        # The wrapped optimizer holds the user's parameters (schedulers, clipping and GradScaler see them);
+        # the generic path's inner optimizer steps the copies instead, with the same hyperparameters.
+        self.optimizer = optimizer_cls(groups, *args, **optimizer_kwargs)
+        super().__init__(self.optimizer.param_groups, self.optimizer.defaults)
+        self.param_groups = self.optimizer.param_groups
+        self.state = self.optimizer.state
+        self._shares_groups = True
+        with torch.no_grad():
+            for param in chosen:
+                self.state[param]["copies"] = param.detach().unsqueeze(0).repeat(e, *([1] * param.dim())).contiguous()
+        self._fused: FusedUpdate | None = None
+        self._inner: torch.optim.Optimizer | None = None
+        if self.path == "fused":
+            kernels = [FusedKernel(self._name(p), self.state[p]["copies"], p, self._slots[id(p)], []) for p in chosen]
+            self._fused = FusedUpdate(self.sampler, kernels, self.optimizer, self.mode)
+        else:
+            self._inner = optimizer_cls(self._inner_groups(), *args, **optimizer_kwargs)
+        this = weakref.ref(self)
+        self._hooks = [p.register_hook(_GradientScale(this, id(p))) for p in chosen]
+        self._write_weights()
+
+    # -- properties -------------------------------------------------------------------------
+    @property
+    def e(self) -> int:
+        return self.sampler.e
+
+    @property
+    def seed(self) -> int:
+        return self.sampler.seed
+
+    @property
+    def mk_step(self) -> int:
+        """Number of completed optimizer steps; ``p`` in use now is the one of this step."""
+        step = self.sampler.step
+        assert step is not None
+        return step
+
+    @property
+    def last_p_entropy(self) -> None:  # the adversarial modes' diagnostic; none here
+        return None
+
+    def targets(self) -> list[torch.Tensor]:
+        """The parameters that have copies, in stream order."""
+        return list(self._targets)
+
+    def named_copies(self) -> list[tuple[str, torch.Tensor]]:
+        """``(name, [e, *shape] copies)`` of every target (names: ``group.index``)."""
+        return [(self._name(p), self.state[p]["copies"]) for p in self._targets]
+
+    def trained_parameters(self) -> int:
+        """How many values are trained: ``e`` copies of every target plus every other parameter.
+
+        Example:
+            >>> import torch, mkopt
+            >>> mkopt.optim.SGD(torch.nn.Linear(4, 2).parameters(), lr=0.1, e=3).trained_parameters() == 3 * 8 + 2
+            True
+        """
+        targets = {id(p) for p in self._targets}
+        return sum(p.numel() * (self.e if id(p) in targets else 1) for g in self.param_groups for p in g["params"])
+
+    def _name(self, param: torch.Tensor) -> str:
+        for g, group in enumerate(self.param_groups):
+            for i, other in enumerate(group["params"]):
+                if other is param:
+                    return f"{g}.{i}"
+        return f"tensor{tuple(param.shape)}"
+
+    # -- the weights the model reads --------------------------------------------------------
+    @torch.no_grad()
+    def _write_weights(self, mean: bool = False) -> None:
+        """Every target := ``sum_k p_k W~_k`` with this step's ``p``, or the plain mean of its copies."""
+        self._follow_moves()
+        if mean:  # exactly what mkopt.deploy ships for the model form
+            for param in self._targets:
+                param.copy_(mean_of_copies(self.state[param]["copies"]))
+            return
+        if self._fused is not None:  # the kernels' own mix: the bits the last step wrote
+            self._fused.write_weights()
+            return
+        for param in self._targets:
+            copies = self.state[param]["copies"]
+            if self.mode.uniform:
+                param.copy_(mean_of_copies(copies))
+            else:
+                param.copy_((self._slots[id(param)].current().to(copies.dtype) * copies).sum(0))
+
+    def eval(self) -> None:
+        """Make every target hold the plain mean of its copies: evaluate, save or deploy the model as is.
+
+        Idempotent; :meth:`train` restores this step's training weights bit for bit. Hugging Face's
+        ``Trainer`` calls it around evaluation (the schedule-free optimizers' convention).
+        """
+        if not self._evaluating:
+            self._write_weights(mean=True)
+            self._evaluating = True
+
+    def train(self) -> None:
+        """Undo :meth:`eval`: the targets hold ``sum_k p_t,k W~_k`` again (idempotent)."""
+        if self._evaluating:
+            self._write_weights()
+            self._evaluating = False
+
+    # -- the step ---------------------------------------------------------------------------
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Run ``closure`` (if given), update the copies and every other parameter, write ``W_t+1``."""
+        if self._evaluating:
+            raise RuntimeError("the optimizer is in eval mode (targets hold the mean): call opt.train() before training")
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._follow_moves()
+        self._sync_hyperparameters()
+        if self._fused is not None:
+            self._fused.step()
+        else:
+            self._generic_step()
+        self.sampler.draw(self.mk_step + 1)
+        if self._fused is None:
+            self._write_weights()
+        return loss
+
+    @torch.no_grad()
+    def _generic_step(self) -> None:
+        assert self._inner is not None
+        scratch = []
+        for param in self._targets:
+            if param.grad is None:
+                continue
+            copies = self.state[param]["copies"]
+            p = self._slots[id(param)].current().to(copies.dtype)
+            grad = param.grad.to(copies.dtype)
+            if not self.mode.uniform and self.e > 1:  # undo s: the copies' gradients are p_k * dL/dW
+                grad = grad / p.square().sum(0).sqrt()
+            elif self.e > 1:
+                grad = grad * math.sqrt(self.e)
+            copies.grad = p * grad
+            scratch.append(copies)
+        self._inner.step()
+        for copies in scratch:
+            copies.grad = None  # e*N values: not kept between steps
+
+    def _inner_groups(self) -> list[dict[str, Any]]:
+        targets = {id(p) for p in self._targets}
+        return [
+            {**{k: v for k, v in group.items() if k != "params"},
+             "params": [self.state[p]["copies"] if id(p) in targets else p for p in group["params"]]}
+            for group in self.param_groups
+        ]  # fmt: skip
+
+    def _sync_hyperparameters(self) -> None:
+        """The generic path's inner optimizer follows schedulers' and users' edits of ``param_groups``."""
+        if self._inner is None:
+            return
+        for outer, inner in zip(self.param_groups, self._inner.param_groups):
+            for key, value in outer.items():
+                if key != "params":
+                    inner[key] = value
+
+    def _follow_moves(self) -> None:
+        """Copies and their state follow a target moved by ``model.to(...)`` after the optimizer was built."""
+        for param in self._targets:
+            state = self.state[param]
+            copies = state["copies"]
+            if copies.device == param.device and copies.dtype == param.dtype:
+                continue
+            if self._fused is not None and param.device.type != "cpu":
+                raise RuntimeError(
+                    f"target {self._name(param)} moved to {param.device}, where the fused CPU kernels cannot run: build "
+                    "the optimizer after moving the model (or pass path='generic')"
+                )
+            for key, value in list(state.items()):
+                if isinstance(value, torch.Tensor) and value.dim() > 0:
+                    moved = value.to(device=param.device, dtype=param.dtype)
+                    value.data = moved  # the same tensor object: the inner optimizer's references stay valid
+            slot = self._slots[id(param)]
+            if slot.key.device != param.device or slot.key.dtype != _probability_dtype(param.dtype):
+                self._rehome_sampler()
+        if self._fused is not None:
+            for kernel in self._fused.kernels:
+                kernel.copies = self.state[kernel.proxy]["copies"]
+
+    def _rehome_sampler(self) -> None:
+        """A fresh sampler on the targets' devices, at the same step: ``p`` is a function of ``(seed, step)``."""
+        step = self.mk_step
+        sampler = DirichletSampler(self.e, self.seed, compiled=self.sampler.compiled, regenerate=True)
+        sampler.uniform = self.sampler.uniform
+        self._slots = {id(p): sampler.allocate(p.device, p.dtype, p.shape) for p in self._targets}
+        sampler.draw(step)
+        self.sampler = sampler
+        if self._fused is not None:
+            self._fused.sampler = sampler
+            for kernel in self._fused.kernels:
+                kernel.slot = self._slots[id(kernel.proxy)]
+
+    # -- diagnostics and state ----------------------------------------------------------------
+    def diagnostics(self, collapse_threshold: float = 1e-4) -> dict[str, float]:
+        """Copy spread per target and overall, and whether the copies collapsed (see :class:`mkopt.MKOptimizer`)."""
+        return copy_spread(self, collapse_threshold)
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's layout (``state``, ``param_groups``) plus MK's own state under ``"mkopt"``.
+
+        ``state[i]["copies"]`` holds target ``i``'s copies; MK's state is also written into every
+        saved param group, the part that ``torch.distributed.checkpoint`` keeps.
+        """
+        saved = self.optimizer.state_dict()
+        if self._inner is not None:  # the inner optimizer's per-copy state, under the target's index
+            inner = self._inner.state_dict()["state"]
+            for index, entry in inner.items():
+                saved["state"].setdefault(index, {}).update(entry)
+        mk = self._mk_state()
+        for group in saved["param_groups"]:
+            group[STATE_KEY] = dict(mk)
+        saved[STATE_KEY] = mk
+        return saved
+
+    def _mk_state(self) -> dict[str, Any]:
+        return {
+            "version": _STATE_VERSION, "e": self.e, "seed": self.seed, "step": self.mk_step,
+            "probabilities": self.probabilities, "lr_compensation": self.lr_compensation, "path": self.path,
+        }  # fmt: skip
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (from either path); the next step continues bit for bit."""
+        mk = state_dict.get(STATE_KEY) or next((g.get(STATE_KEY) for g in state_dict.get("param_groups", []) if STATE_KEY in g), None)
+        if mk is None:
+            raise ValueError(
+                "not an mkopt.optim state_dict (no 'mkopt' entry): a plain optimizer's state refers to one weight per "
+                "kernel, not e copies; start MK from the weights instead (the copies replicate them)"
+            )
+        if mk["e"] != self.e:
+            raise ValueError(f"state_dict was saved with e={mk['e']} but this optimizer has e={self.e}")
+        if mk.get("probabilities", "dirichlet") != self.probabilities:
+            raise ValueError(f"state_dict was saved with probabilities={mk['probabilities']!r}, this optimizer uses {self.probabilities!r}")
+        state_dict = {**state_dict, "param_groups": [{k: v for k, v in g.items() if k != STATE_KEY} for g in state_dict["param_groups"]]}
+        state_dict.pop(STATE_KEY, None)
+        targets = {id(p) for p in self._targets}
+        order = [p for g in self.param_groups for p in g["params"]]
+        copies_of = {i: entry["copies"] for i, entry in state_dict["state"].items() if "copies" in entry}
+        missing = [self._name(p) for i, p in enumerate(order) if id(p) in targets and i not in copies_of]
+        if missing:
+            raise ValueError(f"state_dict has no copies for targets {missing}: it was saved with other targets or parameters")
+        live = {id(p): self.state[p]["copies"] for p in self._targets}
+        outer_state = {i: entry for i, entry in state_dict["state"].items() if i in copies_of or self._inner is None}
+        if self._inner is not None:  # the copies to this optimizer, their optimizer state to the inner one
+            outer_state = {i: {"copies": copies_of[i]} for i in copies_of}
+            inner_state = {i: {k: v for k, v in entry.items() if k != "copies"} for i, entry in state_dict["state"].items()}
+            self._inner.load_state_dict({"state": {i: v for i, v in inner_state.items() if v}, "param_groups": state_dict["param_groups"]})
+        self.optimizer.load_state_dict({**state_dict, "state": outer_state})
+        self.param_groups = self.optimizer.param_groups
+        self.state = self.optimizer.state
+        with torch.no_grad():  # keep the copies' tensor objects: the kernels and the inner optimizer hold them
+            for param in self._targets:
+                loaded = self.state[param]["copies"]
+                live[id(param)].copy_(loaded)
+                self.state[param]["copies"] = live[id(param)]
+        self.sampler.seed = mk["seed"]
+        self.sampler.draw(mk["step"])
+        self._evaluating = False
+        if self._fused is not None:
+            self._fused.optimizer = self.optimizer
+        self._write_weights()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if getattr(self, "_shares_groups", False):
+            raise RuntimeError("add_param_group after construction is not supported by mkopt.optim: list every group up front")
+        super().add_param_group(param_group)
+
+    def __repr__(self) -> str:
+        return f"mkopt.optim.{type(self).__name__}(e={self.e}, path={self.path!r}, step={self.mk_step}, optimizer={self.optimizer!r})"
+
+
+class _GradientScale:
+    """Gradient hook of a target: ``s * grad`` with ``s = sqrt(sum_k p_k^2)`` of the current step's ``p``."""
+
+    def __init__(self, optimizer: "weakref.ref[MKParamOptimizer]", param_id: int) -> None:
+        self.optimizer = optimizer
+        self.param_id = param_id
+
+    def __call__(self, grad: torch.Tensor) -> torch.Tensor | None:
+        opt = self.optimizer()
+        if opt is None:  # the optimizer is gone: an ordinary parameter again
+            return None
+        slot = opt._slots[self.param_id]
+        sampler = opt.sampler
+        if sampler.e == 1:
+            out = grad
+        elif sampler.uniform:
+            out = grad * (1.0 / math.sqrt(sampler.e))
+        else:
+            out = scale_grad_op(grad.contiguous(), sampler.e, sampler.keys[slot.key], slot.offset, False)
+        return out * opt.grad_scale if opt.grad_scale != 1.0 else out
+
+
+def _probability_dtype(dtype: torch.dtype) -> torch.dtype:
+    from .sampling import probability_dtype
+
+    return probability_dtype(dtype)
+
+
+def _as_groups(params: Iterable[Any]) -> list[dict[str, Any]]:
+    if isinstance(params, torch.Tensor):
+        raise TypeError("params must be an iterable of tensors or of parameter groups (dicts), got a single tensor: wrap it in a list")
+    items = list(params)
+    if not items:
+        raise ValueError("the optimizer got an empty parameter list")
+    if isinstance(items[0], dict):
+        return [{**g, "params": [g["params"]] if isinstance(g["params"], torch.Tensor) else list(g["params"])} for g in items]
+    return [{"params": items}]
+
+
+def _choose_targets(groups: list[dict[str, Any]], targets: TargetChoice) -> list[torch.Tensor]:
+    params = [p for g in groups for p in g["params"]]
+    if targets is None:
+        chosen = [p for p in params if is_default_target(p)]
+    elif callable(targets):
+        chosen = [p for p in params if targets(p)]
+    else:
+        wanted = {id(t) for t in targets}
+        known = {id(p) for p in params}
+        if not wanted <= known:
+            raise ValueError("targets names tensors that are not among the optimizer's params: pass them in params too")
+        chosen = [p for p in params if id(p) in wanted]
+    for p in chosen:
+        if not p.is_floating_point():
+            raise ValueError(f"target of shape {tuple(p.shape)} is {p.dtype}: only floating tensors get copies")
+    unique, seen = [], set()
+    for p in chosen:
+        if id(p) not in seen:
+            seen.add(id(p))
+            unique.append(p)
+    return unique
+
+
+def _choose_path(path: str, optimizer_cls: type, targets: list[torch.Tensor], e: int, kwargs: dict[str, Any]) -> str:
+    if path == "generic":
+        return path
+    blocker = fused_path_blocker(optimizer_cls, targets, e, kwargs)
+    if blocker is None:
+        return "fused"
+    if path == "fused":
+        raise ValueError(f"path='fused' cannot run here: {blocker}. Use path='generic' (or 'auto', which picks it)")
+    if not native.available():
+        _warn_once_without_native(blocker)
+    return "generic"
+
+
+_WRAPPED: dict[type[torch.optim.Optimizer], type[MKParamOptimizer]] = {}
+
+
+def wrap(optimizer_cls: type[torch.optim.Optimizer]) -> type[MKParamOptimizer]:
+    """The params-form MK optimizer class for any ``torch.optim`` class (the generic path unless fused kernels exist).
+
+    Example:
+        >>> import torch, mkopt
+        >>> RMSprop = mkopt.optim.wrap(torch.optim.RMSprop)
+        >>> opt = RMSprop(torch.nn.Linear(4, 2).parameters(), lr=1e-3, e=2)
+        >>> opt.path, type(opt).__name__
+        ('generic', 'RMSprop')
+    """
+    _check_optimizer_cls(optimizer_cls)
+    if optimizer_cls not in _WRAPPED:
+        name = optimizer_cls.__name__
+        _WRAPPED[optimizer_cls] = type(name, (MKParamOptimizer,), {
+            "optimizer_cls": optimizer_cls, "__module__": __name__, "__qualname__": name,
+            "__doc__": f"Majority Kernels around ``{optimizer_cls.__module__}.{name}``: ``{name}(params, <its arguments>, *, "
+                       "e=3, seed=0, probabilities='dirichlet', targets=None, ...)``; see :class:`MKParamOptimizer`.",
+        })  # fmt: skip
+    return _WRAPPED[optimizer_cls]
+
+
+SGD = wrap(torch.optim.SGD)
+Adam = wrap(torch.optim.Adam)
+AdamW = wrap(torch.optim.AdamW)
+
+__all__ = ["SGD", "Adam", "AdamW", "wrap", "MKParamOptimizer", "is_default_target"]
