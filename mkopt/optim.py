@@ -152,23 +152,30 @@ class MKParamOptimizer(torch.optim.Optimizer):
             self._slots[id(param)] = self.sampler.allocate(param.device, param.dtype, param.shape)
         self.sampler.draw(0)
         self._evaluating = False
-        # The wrapped optimizer holds the user's parameters (schedulers, clipping and GradScaler see them);
-        # the generic path's inner optimizer steps the copies instead, with the same hyperparameters.
-        self.optimizer = optimizer_cls(groups, *args, **optimizer_kwargs)
+        with torch.no_grad():
+            copies = {id(p): p.detach().unsqueeze(0).repeat(e, *([1] * p.dim())).contiguous() for p in chosen}
+        self._fused: FusedUpdate | None = None
+        self._inner: torch.optim.Optimizer | None = None
+        if self.path == "fused":  # the torch optimizer steps the plain parameters; the kernels step the targets
+            self.optimizer = optimizer_cls(groups, *args, **optimizer_kwargs)
+        else:  # the torch optimizer steps the copies; the user-facing groups hold the parameters
+            inner_groups = [{**g, "params": [copies.get(id(p), p) for p in g["params"]]} for g in groups]
+            self._inner = optimizer_cls(inner_groups, *args, **optimizer_kwargs)
+            self.optimizer = _ParameterGroups(
+                [{**{k: v for k, v in inner.items() if k != "params"}, "params": g["params"]} for g, inner in zip(groups, self._inner.param_groups)],
+                self._inner.defaults,
+            )  # fmt: skip
+        # Share, never copy: schedulers, clipping and GradScaler read and write these objects.
         super().__init__(self.optimizer.param_groups, self.optimizer.defaults)
         self.param_groups = self.optimizer.param_groups
         self.state = self.optimizer.state
         self._shares_groups = True
-        with torch.no_grad():
-            for param in chosen:
-                self.state[param]["copies"] = param.detach().unsqueeze(0).repeat(e, *([1] * param.dim())).contiguous()
-        self._fused: FusedUpdate | None = None
-        self._inner: torch.optim.Optimizer | None = None
+        # The copies enter ``state`` at the first step (or a load): until then the state is empty, as a fresh
+        # torch optimizer's is, which is what torch.distributed.checkpoint's loading relies on.
+        self._copies: dict[int, torch.Tensor] = copies
         if self.path == "fused":
-            kernels = [FusedKernel(self._name(p), self.state[p]["copies"], p, self._slots[id(p)], []) for p in chosen]
+            kernels = [FusedKernel(self._name(p), copies[id(p)], p, self._slots[id(p)], []) for p in chosen]
             self._fused = FusedUpdate(self.sampler, kernels, self.optimizer, self.mode)
-        else:
-            self._inner = optimizer_cls(self._inner_groups(), *args, **optimizer_kwargs)
         this = weakref.ref(self)
         self._hooks = [p.register_hook(_GradientScale(this, id(p))) for p in chosen]
         self._write_weights()
@@ -199,7 +206,7 @@ class MKParamOptimizer(torch.optim.Optimizer):
 
     def named_copies(self) -> list[tuple[str, torch.Tensor]]:
         """``(name, [e, *shape] copies)`` of every target (names: ``group.index``)."""
-        return [(self._name(p), self.state[p]["copies"]) for p in self._targets]
+        return [(self._name(p), self._copies[id(p)]) for p in self._targets]
 
     def trained_parameters(self) -> int:
         """How many values are trained: ``e`` copies of every target plus every other parameter.
@@ -226,13 +233,13 @@ class MKParamOptimizer(torch.optim.Optimizer):
         self._follow_moves()
         if mean:  # exactly what mkopt.deploy ships for the model form
             for param in self._targets:
-                param.copy_(mean_of_copies(self.state[param]["copies"]))
+                param.copy_(mean_of_copies(self._copies[id(param)]))
             return
         if self._fused is not None:  # the kernels' own mix: the bits the last step wrote
             self._fused.write_weights()
             return
         for param in self._targets:
-            copies = self.state[param]["copies"]
+            copies = self._copies[id(param)]
             if self.mode.uniform:
                 param.copy_(mean_of_copies(copies))
             else:
@@ -264,6 +271,7 @@ class MKParamOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._follow_moves()
+        self._publish_copies()
         self._sync_hyperparameters()
         if self._fused is not None:
             self._fused.step()
@@ -281,7 +289,7 @@ class MKParamOptimizer(torch.optim.Optimizer):
         for param in self._targets:
             if param.grad is None:
                 continue
-            copies = self.state[param]["copies"]
+            copies = self._copies[id(param)]
             p = self._slots[id(param)].current().to(copies.dtype)
             grad = param.grad.to(copies.dtype)
             if not self.mode.uniform and self.e > 1:  # undo s: the copies' gradients are p_k * dL/dW
@@ -294,14 +302,6 @@ class MKParamOptimizer(torch.optim.Optimizer):
         for copies in scratch:
             copies.grad = None  # e*N values: not kept between steps
 
-    def _inner_groups(self) -> list[dict[str, Any]]:
-        targets = {id(p) for p in self._targets}
-        return [
-            {**{k: v for k, v in group.items() if k != "params"},
-             "params": [self.state[p]["copies"] if id(p) in targets else p for p in group["params"]]}
-            for group in self.param_groups
-        ]  # fmt: skip
-
     def _sync_hyperparameters(self) -> None:
         """The generic path's inner optimizer follows schedulers' and users' edits of ``param_groups``."""
         if self._inner is None:
@@ -312,27 +312,32 @@ class MKParamOptimizer(torch.optim.Optimizer):
                     inner[key] = value
 
     def _follow_moves(self) -> None:
-        """Copies and their state follow a target moved by ``model.to(...)`` after the optimizer was built."""
+        """Copies and their state follow a target moved by ``model.to(...)`` after the optimizer was built
+        (and a framework that replaced the state's tensors, e.g. moving them to a device)."""
         for param in self._targets:
-            state = self.state[param]
-            copies = state["copies"]
-            if copies.device == param.device and copies.dtype == param.dtype:
+            live = self._copies[id(param)]
+            state = self.state.get(param, {})
+            if "copies" in state and state["copies"] is not live:
+                live.data = state["copies"].data  # keep the tensor object: kernels and the inner optimizer hold it
+                state["copies"] = live
+            if live.device == param.device and live.dtype == param.dtype:
                 continue
             if self._fused is not None and param.device.type != "cpu":
                 raise RuntimeError(
                     f"target {self._name(param)} moved to {param.device}, where the fused CPU kernels cannot run: build "
                     "the optimizer after moving the model (or pass path='generic')"
                 )
-            for key, value in list(state.items()):
-                if isinstance(value, torch.Tensor) and value.dim() > 0:
-                    moved = value.to(device=param.device, dtype=param.dtype)
-                    value.data = moved  # the same tensor object: the inner optimizer's references stay valid
+            tensors = {id(v): v for v in [live, *state.values()] if isinstance(v, torch.Tensor) and v.dim() > 0}
+            for value in tensors.values():  # in place of the objects: every holder sees the move
+                value.data = value.data.to(device=param.device, dtype=param.dtype)
             slot = self._slots[id(param)]
             if slot.key.device != param.device or slot.key.dtype != _probability_dtype(param.dtype):
                 self._rehome_sampler()
-        if self._fused is not None:
-            for kernel in self._fused.kernels:
-                kernel.copies = self.state[kernel.proxy]["copies"]
+
+    def _publish_copies(self) -> None:
+        """Put every target's copies into ``state`` (from the first step on)."""
+        for param in self._targets:
+            self.state[param]["copies"] = self._copies[id(param)]
 
     def _rehome_sampler(self) -> None:
         """A fresh sampler on the targets' devices, at the same step: ``p`` is a function of ``(seed, step)``."""
@@ -391,11 +396,17 @@ class MKParamOptimizer(torch.optim.Optimizer):
         state_dict.pop(STATE_KEY, None)
         targets = {id(p) for p in self._targets}
         order = [p for g in self.param_groups for p in g["params"]]
+        saved_keys = [k for g in state_dict["param_groups"] for k in g["params"]]  # ints, or DCP's parameter names
         copies_of = {i: entry["copies"] for i, entry in state_dict["state"].items() if "copies" in entry}
-        missing = [self._name(p) for i, p in enumerate(order) if id(p) in targets and i not in copies_of]
+        missing = [self._name(p) for k, p in zip(saved_keys, order) if id(p) in targets and k not in copies_of]
+        if missing and not state_dict["state"]:  # saved before its first step: the copies replicate the weights
+            with torch.no_grad():
+                for param in self._targets:
+                    self._copies[id(param)].copy_(param.detach().unsqueeze(0).expand_as(self._copies[id(param)]))
+            copies_of, missing = {}, []
         if missing:
             raise ValueError(f"state_dict has no copies for targets {missing}: it was saved with other targets or parameters")
-        live = {id(p): self.state[p]["copies"] for p in self._targets}
+        live = self._copies
         outer_state = {i: entry for i, entry in state_dict["state"].items() if i in copies_of or self._inner is None}
         if self._inner is not None:  # the copies to this optimizer, their optimizer state to the inner one
             outer_state = {i: {"copies": copies_of[i]} for i in copies_of}
@@ -406,9 +417,9 @@ class MKParamOptimizer(torch.optim.Optimizer):
         self.state = self.optimizer.state
         with torch.no_grad():  # keep the copies' tensor objects: the kernels and the inner optimizer hold them
             for param in self._targets:
-                loaded = self.state[param]["copies"]
-                live[id(param)].copy_(loaded)
-                self.state[param]["copies"] = live[id(param)]
+                if "copies" in self.state.get(param, {}):
+                    live[id(param)].copy_(self.state[param]["copies"])
+                    self.state[param]["copies"] = live[id(param)]
         self.sampler.seed = mk["seed"]
         self.sampler.draw(mk["step"])
         self._evaluating = False
@@ -423,6 +434,16 @@ class MKParamOptimizer(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"mkopt.optim.{type(self).__name__}(e={self.e}, path={self.path!r}, step={self.mk_step}, optimizer={self.optimizer!r})"
+
+
+class _ParameterGroups(torch.optim.Optimizer):
+    """The generic path's user-facing groups and state (copies); the inner torch optimizer does the stepping."""
+
+    def __init__(self, groups: list[dict[str, Any]], defaults: dict[str, Any]) -> None:
+        super().__init__(groups, defaults)
+
+    def step(self, closure: Any = None) -> None:  # pragma: no cover - never called: MKParamOptimizer steps the inner one
+        raise RuntimeError("internal: the generic path's parameter groups are not stepped directly")
 
 
 class _GradientScale:

@@ -142,6 +142,7 @@ class MKOptimizer(torch.optim.Optimizer):
                 regenerate_p=True if fused else None,  # the native kernels regenerate p themselves
             )  # fmt: skip
         self.expansion.sampler.driven = True
+        self.expansion.sampler.driver = weakref.ref(self)  # a deep copy of the model is a new expansion: adoptable
         if lr_compensation:
             for module in model.modules():
                 if hasattr(module, "grad_scale") and hasattr(module, "tied"):
@@ -535,7 +536,8 @@ def _existing_expansion(model: nn.Module, e: Any, seed: Any, targets: TargetSpec
     if not is_expanded(model):
         return None
     existing = expansion_of(model)
-    if getattr(existing.sampler, "driven", False):
+    driver = getattr(existing.sampler, "driver", None)
+    if driver is not None and driver() is not None and driver().expansion is existing:
         raise ValueError(
             f"{type(model).__name__} is already trained by an MKOptimizer: build one MKOptimizer per model, or "
             "deploy/collapse it (mkopt.deploy(model) / opt.collapse()) before starting again"
