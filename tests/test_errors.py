@@ -43,9 +43,10 @@ def test_sparse_target():
 
 def test_already_expanded():
     model = linear()
-    mkopt.MKOptimizer(torch.optim.SGD, model, lr=0.1)
+    first = mkopt.MKOptimizer(torch.optim.SGD, model, lr=0.1)  # alive: a second one would fight it over p
     with pytest.raises(ValueError, match="already trained by an MKOptimizer: build one MKOptimizer per model"):
         mkopt.MKOptimizer(torch.optim.SGD, model, lr=0.1)
+    del first
 
 
 @pytest.mark.parametrize("bad", [torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1), "SGD", nn.Linear, None])
