@@ -38,7 +38,20 @@ target. ``BertForMaskedLM`` ties the MLM decoder to ``word_embeddings`` the same
   T5-small's parameters, so ``e`` times their memory) with e.g.
   ``targets=lambda name, t, m: isinstance(m, torch.nn.Linear) and m is not model.lm_head``.
 
-**Trainer.** Pass the optimizer and :class:`MKTrainerCallback`::
+**Trainer, params form** (no model rewrite; Trainer builds the optimizer itself)::
+
+    trainer = Trainer(model=model, args=args, train_dataset=ds, eval_dataset=ds,
+                      optimizer_cls_and_kwargs=(mkopt.optim.AdamW, {"lr": 5e-5, "e": 3}))
+    mkopt.hf.attach(trainer)   # diagnostics into every logger Trainer reports to; the mean at the end
+    trainer.train(); trainer.save_model(out)   # saves the mean of the copies: an ordinary checkpoint
+
+``Trainer`` calls ``optimizer.eval()`` before evaluating and ``optimizer.train()`` before each
+training step, so evaluation runs on the mean of the copies; :func:`attach` also leaves the model at
+the mean when training ends, so ``save_model`` writes the deployable weights (same class, keys,
+size). Checkpoints saved during training hold the training weights plus the optimizer state (the
+copies), and ``trainer.train(resume_from_checkpoint=...)`` continues from them.
+
+**Trainer, model form.** Pass the optimizer and :class:`MKTrainerCallback`::
 
     opt = mkopt.MKOptimizer(torch.optim.AdamW, model, e=3, lr=5e-5)
     trainer = Trainer(model=model, args=args, train_dataset=ds, optimizers=(opt, None), callbacks=[MKTrainerCallback()])
@@ -67,7 +80,8 @@ from typing import Any
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .expand import expansion_of
+from .expand import expansion_of, is_expanded
+from .optim import MKParamOptimizer
 from .optimizer import MKOptimizer
 
 try:
@@ -77,7 +91,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
         "mkopt.hf needs the Hugging Face libraries: pip install 'mkopt[hf]' (transformers and accelerate)"
     ) from error
 
-__all__ = ["MKTrainerCallback", "mark_tied_stacks"]
+__all__ = ["MKTrainerCallback", "attach", "mark_tied_stacks"]
 
 
 def mark_tied_stacks(model: nn.Module) -> list[str]:
@@ -133,29 +147,62 @@ def _check_saveable(model: nn.Module) -> None:
         ) from error
 
 
-def _unwrap_mk_optimizer(optimizer: Any) -> MKOptimizer:
-    """The :class:`mkopt.MKOptimizer` inside ``optimizer`` (e.g. accelerate's ``AcceleratedOptimizer``)."""
+def _unwrap_mk_optimizer(optimizer: Any) -> MKOptimizer | MKParamOptimizer:
+    """The mkopt optimizer inside ``optimizer`` (e.g. accelerate's ``AcceleratedOptimizer``)."""
     seen = optimizer
     for _ in range(8):  # AcceleratedOptimizer -> MKOptimizer; a few layers at most
-        if isinstance(seen, MKOptimizer):
+        if isinstance(seen, (MKOptimizer, MKParamOptimizer)):
             return seen
         seen = getattr(seen, "optimizer", None)
         if seen is None:
             break
     raise TypeError(
-        f"the Trainer's optimizer is {type(optimizer).__name__}, not an mkopt.MKOptimizer: build "
+        f"the Trainer's optimizer is {type(optimizer).__name__}, not an mkopt optimizer: pass "
+        "Trainer(..., optimizer_cls_and_kwargs=(mkopt.optim.AdamW, {'lr': ..., 'e': 3})), or build "
         "opt = mkopt.MKOptimizer(torch.optim.AdamW, model, e=3, lr=...) and pass Trainer(..., optimizers=(opt, None)); "
-        "an optimizer Trainer builds itself would never draw a new p"
+        "a plain optimizer would never draw a new p"
     )
 
 
-class MKTrainerCallback(TrainerCallback):
-    """Checks an MK set-up inside ``transformers.Trainer`` and makes its checkpoints saveable.
+def attach(trainer: Any, log_per_tensor: bool = False) -> "MKTrainerCallback":
+    """Add an :class:`MKTrainerCallback` to ``trainer`` *ahead of* its reporting callbacks, so MK's
+    diagnostics reach every logger the Trainer reports to (TensorBoard, W&B, ...), and run its checks now.
 
-    At the end of ``Trainer.__init__`` it verifies that the model is expanded, that the optimizer
-    passed via ``optimizers=`` is the :class:`mkopt.MKOptimizer` built over this very model, and that
-    ``p`` lives on the model's device (Trainer moves the model: build the optimizer after
-    ``model.to(device)``); then it calls :func:`mark_tied_stacks`. Each failure is a clear error.
+    ``Trainer(callbacks=[MKTrainerCallback()])`` also works, but Trainer runs the reporting callbacks
+    first, so the diagnostics then reach only ``trainer.state.log_history`` and the console.
+
+    Example:
+        >>> import tempfile, torch, mkopt, mkopt.hf
+        >>> from transformers import Trainer, TrainingArguments, BertConfig, BertForSequenceClassification
+        >>> bert = BertForSequenceClassification(BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1,
+        ...     num_attention_heads=2, intermediate_size=16))
+        >>> args = TrainingArguments(tempfile.mkdtemp(), report_to=[], use_cpu=True)
+        >>> trainer = Trainer(model=bert, args=args, optimizer_cls_and_kwargs=(mkopt.optim.AdamW, {"lr": 1e-3, "e": 3}))
+        >>> callback = mkopt.hf.attach(trainer)
+        >>> trainer.callback_handler.callbacks[0] is callback
+        True
+    """
+    handler = trainer.callback_handler
+    handler.callbacks = [c for c in handler.callbacks if not isinstance(c, MKTrainerCallback)]
+    callback = MKTrainerCallback(log_per_tensor=log_per_tensor)
+    handler.callbacks.insert(0, callback)
+    callback.on_init_end(trainer.args, trainer.state, trainer.control, model=trainer.model, optimizer=trainer.optimizer)
+    return callback
+
+
+class MKTrainerCallback(TrainerCallback):
+    """Checks an MK set-up inside ``transformers.Trainer``, logs MK's diagnostics, makes checkpoints saveable.
+
+    Model form (``optimizers=(MKOptimizer, None)``): at the end of ``Trainer.__init__`` it verifies
+    that the model is expanded, that the optimizer is the :class:`mkopt.MKOptimizer` built over this
+    very model, and that ``p`` lives on the model's device (Trainer moves the model: build the
+    optimizer after ``model.to(device)``); then it calls :func:`mark_tied_stacks`. Params form
+    (``optimizer_cls_and_kwargs=(mkopt.optim.AdamW, {...})``): when training starts it verifies that
+    Trainer built an mkopt optimizer, and when training ends it leaves the model at the mean of the
+    copies (``optimizer.eval()``), so ``save_model`` writes the deployable weights. Both: every log
+    gets ``mk/spread`` (relative spread of the copies), ``mk/collapsed`` and, for the adversarial
+    modes, ``mk/p_entropy`` (``log_per_tensor=True`` adds one ``mk/spread/<tensor>`` per kernel).
+    Each failure is a clear error. Use :func:`attach` so the diagnostics reach the reporting loggers.
 
     Example:
         >>> import tempfile, torch, mkopt
@@ -167,21 +214,45 @@ class MKTrainerCallback(TrainerCallback):
         >>> trainer = Trainer(model=bert, args=args, optimizers=(opt, None), callbacks=[MKTrainerCallback()])
     """
 
+    def __init__(self, log_per_tensor: bool = False) -> None:
+        self.log_per_tensor = log_per_tensor
+        self._optimizer: MKOptimizer | MKParamOptimizer | None = None
+
     def on_init_end(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, optimizer: Any = None, **kwargs: Any) -> None:
         if model is None:
-            raise ValueError("MKTrainerCallback needs Trainer(model=...); model_init is not supported with a prebuilt MKOptimizer")
-        expansion_of(model)  # clear error when the model was never expanded
+            raise ValueError("MKTrainerCallback needs Trainer(model=...); model_init is not supported with mkopt")
         if optimizer is None:
-            raise ValueError(
-                "MKTrainerCallback found no optimizer: pass Trainer(..., optimizers=(opt, None)) with "
-                "opt = mkopt.MKOptimizer(torch.optim.AdamW, model, e=3, lr=...); an optimizer Trainer builds "
-                "itself would never draw a new p"
-            )
+            if is_expanded(model):
+                raise ValueError(
+                    "MKTrainerCallback found an expanded model but no optimizer: pass Trainer(..., optimizers=(opt, None)) "
+                    "with opt = mkopt.MKOptimizer(torch.optim.AdamW, model, e=3, lr=...); an optimizer Trainer builds "
+                    "itself would never draw a new p (or use the params form on an unexpanded model: "
+                    "optimizer_cls_and_kwargs=(mkopt.optim.AdamW, {...}))"
+                )
+            return  # the params form: Trainer builds the optimizer when training starts
         mk = _unwrap_mk_optimizer(optimizer)
-        if mk.model is not model:
-            raise ValueError("the MKOptimizer passed to Trainer was built over another model than Trainer(model=...)")
-        _check_device(mk)
-        mark_tied_stacks(model)
+        self._optimizer = mk
+        if isinstance(mk, MKOptimizer):
+            expansion_of(model)  # clear error when the model was never expanded
+            if mk.model is not model:
+                raise ValueError("the MKOptimizer passed to Trainer was built over another model than Trainer(model=...)")
+            _check_device(mk)
+            mark_tied_stacks(model)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
+        self._optimizer = _unwrap_mk_optimizer(optimizer)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if self._optimizer is None or logs is None or "loss" not in logs:  # training logs only
+            return
+        stats = {f"mk/{k}": v for k, v in self._optimizer.diagnostics().items() if self.log_per_tensor or "/" not in k}
+        logs.update(stats)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(stats)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if isinstance(self._optimizer, MKParamOptimizer):
+            self._optimizer.eval()  # save_model() now writes the mean: the deployable weights
 
 
 def _check_device(mk: MKOptimizer) -> None:

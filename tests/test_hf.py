@@ -20,6 +20,7 @@ from transformers import (  # noqa: E402
     TrainingArguments,
 )
 
+import mkopt.hf  # noqa: E402
 from mkopt.hf import MKTrainerCallback, mark_tied_stacks  # noqa: E402
 
 T5_TIES = ["shared", "encoder.embed_tokens", "decoder.embed_tokens", "lm_head"]
@@ -268,16 +269,63 @@ def test_trainer_checkpoints_of_expanded_t5_resume_bit_identically(tmp_path):
 
 
 def test_trainer_callback_rejects_bad_setups(tmp_path):
-    args = TrainingArguments(str(tmp_path), report_to=[], use_cpu=True)
-    with pytest.raises(ValueError, match="not expanded by mkopt"):
-        Trainer(model=tiny_t5(), args=args, callbacks=[MKTrainerCallback()])
+    args = TrainingArguments(str(tmp_path), report_to=[], use_cpu=True, max_steps=1, per_device_train_batch_size=4)
+    plain = Trainer(model=tiny_t5(), args=args, train_dataset=Seq2SeqData(8), callbacks=[MKTrainerCallback()])
+    with pytest.raises(TypeError, match="not an mkopt optimizer"):  # Trainer built a plain AdamW
+        plain.train()
     model = tiny_t5()
     mkopt.MKOptimizer(torch.optim.AdamW, model, e=2, sampler_compile=False)
-    with pytest.raises(ValueError, match="found no optimizer"):
+    with pytest.raises(ValueError, match="found an expanded model but no optimizer"):
         Trainer(model=model, args=args, callbacks=[MKTrainerCallback()])
-    with pytest.raises(TypeError, match="not an mkopt.MKOptimizer"):
+    with pytest.raises(TypeError, match="not an mkopt optimizer"):
         Trainer(model=model, args=args, optimizers=(torch.optim.AdamW(model.parameters()), None), callbacks=[MKTrainerCallback()])
     other = tiny_t5()
     other_opt = mkopt.MKOptimizer(torch.optim.AdamW, other, e=2, sampler_compile=False)
     with pytest.raises(ValueError, match="another model"):
         Trainer(model=model, args=args, optimizers=(other_opt, None), callbacks=[MKTrainerCallback()])
+
+
+class Sentences(torch.utils.data.Dataset):
+    def __init__(self, n: int = 32, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.x, self.y = torch.randint(2, 40, (n, 8), generator=g), torch.randint(0, 2, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.x[i], "labels": self.y[i]}
+
+
+def test_trainer_builds_mkopt_optim_itself_evaluates_the_mean_and_saves_a_plain_model(tmp_path):
+    """The params form: Trainer(optimizer_cls_and_kwargs=...), no model rewrite, save_model ships the mean."""
+    torch.manual_seed(0)
+    bert = BertForSequenceClassification(tiny_bert_config())
+    args = TrainingArguments(str(tmp_path), max_steps=4, per_device_train_batch_size=8, per_device_eval_batch_size=8,
+                             logging_steps=2, report_to=[], use_cpu=True, save_strategy="no", seed=0,
+                             disable_tqdm=True)  # fmt: skip
+    trainer = Trainer(model=bert, args=args, train_dataset=Sentences(), eval_dataset=Sentences(16, seed=1),
+                      optimizer_cls_and_kwargs=(mkopt.optim.AdamW, {"lr": 1e-2, "e": 3}))  # fmt: skip
+    callback = mkopt.hf.attach(trainer)
+    assert trainer.callback_handler.callbacks[0] is callback
+    trainer.train()
+    opt = callback._optimizer
+    assert isinstance(opt, mkopt.optim.MKParamOptimizer) and opt.mk_step == 4 and opt.path == "fused"
+    logged = [log for log in trainer.state.log_history if "loss" in log]
+    assert len(logged) == 2 and all(log["mk/spread"] > 0 and log["mk/collapsed"] == 0.0 for log in logged)
+    word = bert.bert.embeddings.word_embeddings.weight
+    copies = dict(opt.named_copies())[opt._name(word)]
+    assert torch.equal(word, copies.mean(0))  # training ended at the mean
+    evaluated = trainer.evaluate()["eval_loss"]
+    data = Sentences(16, seed=1)
+    bert.eval()
+    with torch.no_grad():
+        losses = [bert(input_ids=data.x[i : i + 8], labels=data.y[i : i + 8]).loss for i in (0, 8)]
+    assert evaluated == pytest.approx(float(torch.stack(losses).mean()), rel=1e-6)
+    trainer.save_model(str(tmp_path / "plain"))
+    reloaded, info = BertForSequenceClassification.from_pretrained(tmp_path / "plain", output_loading_info=True)
+    assert (info["missing_keys"], info["unexpected_keys"]) == (set(), set())
+    reloaded.eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=data.x).logits, bert(input_ids=data.x).logits)
+    assert sum(p.numel() for p in reloaded.parameters()) == sum(p.numel() for p in bert.parameters())
