@@ -47,6 +47,7 @@ from torch import nn
 
 from . import adversarial, native
 from .diagnostics import copy_spread
+from .follow import follow_parameters, placement
 from .expand import _check_e
 from .fused_step import FusedKernel, FusedUpdate, fused_path_blocker, scale_grad_op
 from .modes import probability_mode
@@ -314,6 +315,7 @@ class MKParamOptimizer(torch.optim.Optimizer):
     def _follow_moves(self) -> None:
         """Copies and their state follow a target moved by ``model.to(...)`` after the optimizer was built
         (and a framework that replaced the state's tensors, e.g. moving them to a device)."""
+        moved = bool(self._targets) and placement(self._copies[id(self._targets[0])]) != placement(self._targets[0])
         for param in self._targets:
             live = self._copies[id(param)]
             state = self.state.get(param, {})
@@ -333,6 +335,8 @@ class MKParamOptimizer(torch.optim.Optimizer):
             slot = self._slots[id(param)]
             if slot.key.device != param.device or slot.key.dtype != _probability_dtype(param.dtype):
                 self._rehome_sampler()
+        if moved:  # every other state tensor: the plain parameters' (and on the generic path the copies')
+            follow_parameters(self.optimizer if self._inner is None else self._inner)
 
     def _publish_copies(self) -> None:
         """Put every target's copies into ``state`` (from the first step on)."""

@@ -15,6 +15,7 @@ from torch import nn
 from . import adversarial, native
 from .deploy import collapse
 from .diagnostics import copy_spread
+from .follow import follow_parameters, placement
 from .expand import Expansion, Init, expand, expansion_of, is_expanded
 from .modes import probability_mode
 from .parametrization import MajorityKernel
@@ -170,6 +171,7 @@ class MKOptimizer(torch.optim.Optimizer):
         self._in_closure_step = False
         self._evaluating = False
         self.last_p_entropy: float | None = None
+        self._placement = placement(self.expansion.targets[0].param) if self.expansion.targets else None
         self._prepare(0)
 
     # -- properties -------------------------------------------------------------------------
@@ -234,6 +236,7 @@ class MKOptimizer(torch.optim.Optimizer):
 
     def _descend(self, closure: Callable[[], Any] | None = None) -> Any:
         """The update itself, then the next step's probabilities (fused: the kernels wrote the next W)."""
+        self._follow_moves()
         if self._fused is not None:
             loss = self._fused.step(closure)
             self._prepare(self.mk_step + 1, weights_written=True)
@@ -241,6 +244,17 @@ class MKOptimizer(torch.optim.Optimizer):
         loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
         self._prepare(self.mk_step + 1)
         return loss
+
+    def _follow_moves(self) -> None:
+        """After ``model.to(...)``, move the optimizer state to the parameters (p follows by itself)."""
+        first = self.expansion.targets[0].param if self.expansion.targets else None
+        if first is None or placement(first) == self._placement:
+            return
+        follow_parameters(self.optimizer)
+        if self._fused is not None:
+            for kernel in self._fused.kernels:  # the adversarial modes' scratch: rebuilt where the copies are
+                kernel.norm = kernel.mixing = None
+        self._placement = placement(first)
 
     def _two_pass_step(self, closure: Callable[[], Any]) -> Any:
         self._in_closure_step = True

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .fused import mix_regenerated
-from .sampling import ProbabilitySlot
+from .sampling import BufferKey, ProbabilitySlot, probability_dtype
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -158,6 +158,10 @@ class MajorityKernel(nn.Module):
         if self.slot is not None and self.slot.sampler.driven is False:
             _warn_undriven(self.slot.sampler)
         device = self.slot.device if self._regenerated else self._p.device
+        if self._regenerated and (device != stacked.device or self.slot.key.dtype != probability_dtype(stacked.dtype)):
+            # the model was moved (.to(device/dtype)): p is a function of (seed, step), regenerate it there
+            self.slot.sampler.rehome(self.slot.key, BufferKey(stacked.device, probability_dtype(stacked.dtype)))
+            device = stacked.device
         if device != stacked.device:
             raise RuntimeError(
                 f"MK probabilities live on {device} but the weight is on {stacked.device}: "

@@ -235,6 +235,29 @@ class DirichletSampler:
                 counter_dirichlet_(self.buffers[key], self.keys[key], compiled=self.compiled)
         self._drawn(step)
 
+    def rehome(self, old: BufferKey, new: BufferKey) -> None:
+        """Move the stream of ``old`` to ``new`` (a model moved by ``.to()``): same stream number and offsets.
+
+        Regenerate mode only (a buffer would have to move with its views). ``p`` is a function of
+        ``(seed, step, stream, element)``, so on the new device it has the same values (in the new
+        key's dtype: float64 weights draw float64 ``p``).
+        """
+        if self.regenerate is False:
+            raise RuntimeError(
+                "this sampler keeps p in buffers that the parametrizations view: move the model before building "
+                "MKOptimizer (or rebuild it after moving)"
+            )
+        if new in self._sizes:
+            raise RuntimeError(f"cannot move p from {old} to {new}: tensors on {new} already have their own stream")
+        self._sizes = {(new if key == old else key): size for key, size in self._sizes.items()}  # order = stream ids
+        if old in self.seeds:
+            self.seeds[new] = self.seeds.pop(old)
+            self.keys[new] = self.keys.pop(old).to(new.device)
+        for slot in [*self.slots, *self._pending]:
+            if slot.key == old:
+                slot.key = new
+                slot.offset_tensor = slot.offset_tensor.to(new.device)
+
     def fill_uniform(self, step: int) -> None:
         """Set every ``p`` to ``1/e`` (uniform mode, and the start of an adversarial step)."""
         if self.regenerate:

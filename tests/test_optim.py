@@ -377,3 +377,21 @@ def test_dcp_round_trip_model_form(tmp_path):
         return model, mkopt.MKOptimizer(torch.optim.SGD, model, e=3, lr=0.05, momentum=0.9)
 
     _dcp_round_trip(tmp_path, build)
+
+
+@pytest.mark.parametrize("path", ["fused", "generic"])
+@pytest.mark.parametrize("form", ["params", "model"])
+def test_p_and_the_state_follow_a_move_after_building(form, path):
+    """model.to(float64) after the optimizer: p is regenerated for the new placement, Adam's state follows."""
+    model = net()
+    if form == "params":
+        opt = mkopt.optim.Adam(model.parameters(), lr=1e-2, e=3, path=path)
+    else:
+        opt = mkopt.MKOptimizer(torch.optim.Adam, model, e=3, lr=1e-2, path=path)
+    train(model, opt, batches(2))
+    model.to(torch.float64)
+    train(model, opt, batches(3, torch.float64))
+    assert opt.mk_step == 5
+    states = [v for s in opt.state_dict()["state"].values() for v in s.values() if v.dim() > 0]
+    assert states and all(v.dtype == torch.float64 for v in states)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
