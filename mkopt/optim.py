@@ -5,8 +5,9 @@ parameters, so every framework that builds the optimizer itself can use it (Hugg
 ``Trainer(optimizer_cls_and_kwargs=...)``, Lightning's ``configure_optimizers``, config-driven
 ``_component_`` factories). The model is not rewritten: each target parameter ``W`` keeps its
 class, name and size and holds the weight the training forward reads, ``W_t = sum_k p_t,k W~_k``;
-its ``e`` copies ``W~`` live in the optimizer state (``state[W]["copies"]``, ``[e, *W.shape]``)
-beside torch's own state keys. Backward gives ``W.grad = s * dL/dW`` with ``s = sqrt(sum_k
+its ``e`` copies ``W~`` live in the optimizer state (``state[W]["copies"]``, ``[e, *W.shape]``,
+from the first step on; :meth:`MKParamOptimizer.named_copies` reads them any time) beside torch's
+own state keys. Backward gives ``W.grad = s * dL/dW`` with ``s = sqrt(sum_k
 p_k^2)`` (a gradient hook), so clipping, GradScaler, accumulation and DDP see the norms the
 copies' gradients have, exactly as on :class:`mkopt.MKOptimizer`'s fused path. ``step()`` updates
 the copies and their state and writes ``W_t+1``. :meth:`MKParamOptimizer.eval` swaps every
