@@ -22,13 +22,16 @@ def copy_spread(opt: "MKOptimizer", collapse_threshold: float = 1e-4) -> dict[st
     Example:
         >>> import torch, mkopt
         >>> opt = mkopt.MKOptimizer(torch.optim.SGD, torch.nn.Linear(3, 3), e=2, lr=0.1, init="independent")
-        >>> stats = opt.diagnostics(); stats["spread"] > 0, stats["collapsed"]
-        (True, 0.0)
+        >>> stats = opt.diagnostics(); stats["spread"] > 0, stats["collapsed"], stats["nonfinite"]
+        (True, 0.0, 0.0)
     """
     stats: dict[str, float] = {}
     deviation_total = norm_total = 0.0
+    nonfinite: list[str] = []
     for target in opt.expansion.targets:
         stacked = target.param.detach().float()
+        if not bool(torch.isfinite(stacked).all()):
+            nonfinite.append(target.name)
         mean = stacked.mean(0)
         deviation = torch.linalg.vector_norm((stacked - mean).flatten(1), dim=1).mean()
         norm = torch.linalg.vector_norm(mean)
@@ -36,6 +39,14 @@ def copy_spread(opt: "MKOptimizer", collapse_threshold: float = 1e-4) -> dict[st
         deviation_total += float(deviation) ** 2
         norm_total += float(norm) ** 2
     stats["spread"] = (deviation_total / max(norm_total, 1e-60)) ** 0.5
+    stats["nonfinite"] = float(len(nonfinite))  # kernels whose copies hold NaN/inf: spread is then meaningless
+    if nonfinite:
+        warnings.warn(
+            f"MK copies of {nonfinite} hold NaN/inf at step {opt.mk_step}: the training diverged (lower the lr, or "
+            "resume from an earlier checkpoint); spread and collapse cannot be measured",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     if opt.last_p_entropy is not None:
         stats["p_entropy"] = opt.last_p_entropy
     collapsed = opt.mk_step > 0 and stats["spread"] < collapse_threshold

@@ -8,6 +8,7 @@ expanded once and every owner reads the same stack.
 from __future__ import annotations
 
 import copy
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -83,9 +84,14 @@ def is_expanded(model: nn.Module) -> bool:
 
 
 def _check_e(e: Any) -> int:
-    if isinstance(e, bool) or not isinstance(e, int) or e < 1:
+    """``e`` as a Python int: any integer type (``numpy.int64`` from a config or a grid) via ``operator.index``."""
+    try:
+        value = None if isinstance(e, bool) else operator.index(e)
+    except TypeError:
+        value = None
+    if value is None or value < 1:
         raise ValueError(f"e={e!r} is not an expansion factor: pass an int >= 1 (the paper uses e=3; e=1 is plain training)")
-    return e
+    return value
 
 
 def _replicate(e: int):
