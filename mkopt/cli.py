@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .errors import UserInputError
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mkopt", description="Simulated overparameterization with Majority Kernels")
@@ -16,7 +18,11 @@ def main(argv: list[str] | None = None) -> int:
         doc = module.__doc__ or name
         module.add_arguments(commands.add_parser(name, help=doc.splitlines()[0], description=doc))
     args = parser.parse_args(argv)
-    return {"table1": table1, "demo": demo}[args.command].run(args)
+    try:
+        return {"table1": table1, "demo": demo}[args.command].run(args)
+    except UserInputError as error:  # bad data, config or names: the message says what and how to fix; no traceback
+        print(f"mkopt {args.command}: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

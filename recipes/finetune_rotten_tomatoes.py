@@ -131,7 +131,7 @@ def make_soups(config: dict, out: Path, make_model, val, test, ft: FinetuneConfi
         return
     if "baseline" not in config["methods"] or not all(p.is_file() for p in cached) or len(cached) < 2:
         return
-    ingredients = [torch.load(p, map_location="cpu") for p in cached]
+    ingredients = [torch.load(p, map_location="cpu", weights_only=True) for p in cached]
     model = make_model()
 
     def score(sd, data=val) -> float:

@@ -16,16 +16,18 @@ import sys
 from pathlib import Path
 
 from .. import launch
+from . import datasets
 from .launcher import Launcher
 from .methods import LR_BASE, LR_GRID, METHODS
 from .report import plot_curves, table
-from .sweep import SweepConfig, run_sweep
+from .sweep import SweepConfig, load_dataset, run_sweep
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--full", action="store_true", help="the paper's full grid (A1-A3, 10 lrs, 3 seeds)")
     parser.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist | cifar10 | npz:PATH")
-    parser.add_argument("--runs", type=Path, default=None, help="result store (default runs/table1-<quick|full>)")
+    parser.add_argument("--runs", type=Path, default=None,
+                        help="result store (default runs/table1-<quick|full>, runs/table1-<quick|full>-<data> for other data)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="table + figures (default: same as --runs)")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="local worker processes, each with cpus/workers threads (default: 2)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -71,7 +73,8 @@ def config_for(args: argparse.Namespace) -> SweepConfig:
 
 def run(args: argparse.Namespace) -> int:
     config = config_for(args)
-    runs = args.runs or Path("runs") / f"table1-{'full' if args.full else 'quick'}"
+    load_dataset(config.dataset)  # missing or malformed data: one clear error here, before any job starts
+    runs = args.runs or datasets.default_runs_folder(config.dataset, args.full)
     out = args.out or runs
     launcher = make_launcher(args)
     if isinstance(launcher, launch.SubmititLauncher):
