@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from .errors import UserInputError
@@ -15,14 +16,25 @@ def main(argv: list[str] | None = None) -> int:
     from .experiments import table1
 
     for name, module in (("table1", table1), ("demo", demo)):
-        doc = module.__doc__ or name
-        module.add_arguments(commands.add_parser(name, help=doc.splitlines()[0], description=doc))
+        doc = terminal_text(module.__doc__ or name)
+        module.add_arguments(commands.add_parser(name, help=doc.splitlines()[0], description=doc,
+                                                 formatter_class=argparse.RawDescriptionHelpFormatter))  # fmt: skip
     args = parser.parse_args(argv)
     try:
         return {"table1": table1, "demo": demo}[args.command].run(args)
     except UserInputError as error:  # bad data, config or names: the message says what and how to fix; no traceback
         print(f"mkopt {args.command}: error: {error}", file=sys.stderr)
         return 1
+
+
+def terminal_text(docstring: str) -> str:
+    """A module docstring as help text: reStructuredText's ``double backticks`` dropped.
+
+    Example:
+        >>> terminal_text("``--full`` runs the grid")
+        '--full runs the grid'
+    """
+    return re.sub(r"``([^`]+)``", r"\1", docstring).strip()
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ class Plain(Trainee):
         loss = self.loss(logits, x, y) if self.loss else F.cross_entropy(logits, y)
         loss.backward()
         self.opt.step()
-        return float(loss)
+        return loss.item()  # .item(), not float(): no requires_grad-to-scalar warning
 
     @torch.no_grad()
     def probabilities(self, x):
@@ -109,7 +109,7 @@ class MajorityKernels(Plain):
         loss = F.cross_entropy(self.model(x), y)
         loss.backward()
         self.opt.step()
-        return float(loss)
+        return loss.item()  # .item(), not float(): no requires_grad-to-scalar warning
 
     def parameters_deployed(self):
         return sum(p.numel() for p in mkopt.deploy(self.model).parameters())
@@ -142,7 +142,7 @@ class Ensemble(Trainee):
         loss = F.cross_entropy(logits.flatten(0, 1), y.repeat(logits.shape[0]), reduction="sum") / len(y)
         loss.backward()
         self.opt.step()
-        return float(loss) / logits.shape[0]
+        return loss.item() / logits.shape[0]
 
     @torch.no_grad()
     def probabilities(self, x):
@@ -218,7 +218,7 @@ class Subset(Trainee):
         loss = F.cross_entropy(self.forward(x, chosen), y)
         loss.backward()
         self.opt.step()
-        return float(loss)
+        return loss.item()  # .item(), not float(): no requires_grad-to-scalar warning
 
     def final_model(self) -> nn.Sequential:
         """The deployable network of the original widths: one more selection (Algorithm D.1's return)."""
