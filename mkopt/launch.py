@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .experiments.launcher import InlineLauncher, Launcher, LocalPoolLauncher
-from .experiments.recipe_config import parse_overrides  # the one key=value parser (re-exported: --cluster values)
+from .config import parse_overrides  # the one key=value parser (re-exported: --cluster values)
 
 __all__ = [
     "LAUNCHERS",

@@ -27,7 +27,7 @@ from mkopt.experiments.finetune import (
     METHODS, FinetuneConfig, accuracy_and_loss, encode, finetune, result_dict, result_path,
 )
 from mkopt.checkpoint import atomic_write
-from mkopt.experiments.recipe_config import parse_overrides
+from mkopt.config import parse_overrides
 from mkopt.experiments.runs import commit_of_tree, write_json_atomic
 from mkopt.experiments.text import group_split, load_rotten_tomatoes
 from mkopt.soups import greedy_soup, uniform_soup

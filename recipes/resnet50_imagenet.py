@@ -46,7 +46,7 @@ from mkopt.distributed import (
     DistributedContext, average_probability_grads, cleanup, setup_distributed, unwrap, wrap_model,
 )  # fmt: skip
 from mkopt.experiments.methods import distillation_loss
-from mkopt.experiments.recipe_config import parse_overrides
+from mkopt.config import parse_overrides
 from mkopt.job import PreemptionGuard, RecipeJob, preemption_signal
 from mkopt.resumable import EpochBatches, SeededSamples, shard
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from mkopt.experiments.glue_finetune import GlueRunConfig, run
 from mkopt.experiments.glue_report import plot_curves, table4
-from mkopt.experiments.recipe_config import load_config
+from mkopt.config import load_config
 
 
 def report(out_dir: str | Path, which: str = "best") -> str:

@@ -9,7 +9,7 @@ import pytest
 
 from mkopt.experiments import glue
 from mkopt.experiments.glue import get_task, glue_average, load_split, parse_prediction, task_metrics, to_text
-from mkopt.experiments.recipe_config import load_config
+from mkopt.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "recipes" / "configs" / "t5_glue").glob("*.yaml"))
