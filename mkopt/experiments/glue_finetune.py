@@ -290,7 +290,7 @@ def run(config: GlueRunConfig) -> dict[str, dict[str, Any]]:
     """
     if config.threads:
         torch.set_num_threads(config.threads)
-    from .recipe_config import dump_config
+    from ..config import dump_config
 
     root = Path(config.out_dir) / config.label / f"seed{config.seed}"
     root.mkdir(parents=True, exist_ok=True)
