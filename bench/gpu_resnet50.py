@@ -33,9 +33,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import mkopt  # noqa: E402
-from mkopt.experiments.runs import commit_of_tree  # noqa: E402
+import mkopt
+from mkopt.provenance import commit_of_tree
 
 VARIANTS = {"baseline": None, "MK": "dirichlet", "Adv-MK": "adv-mk"}
 TIME_TARGET = 1.03

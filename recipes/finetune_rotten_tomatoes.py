@@ -28,7 +28,8 @@ from mkopt.experiments.finetune import (
 )
 from mkopt.checkpoint import atomic_write
 from mkopt.config import parse_overrides
-from mkopt.experiments.runs import commit_of_tree, write_json_atomic
+from mkopt.experiments.runs import write_json_atomic
+from mkopt.provenance import commit_of_tree
 from mkopt.experiments.text import group_split, load_rotten_tomatoes
 from mkopt.soups import greedy_soup, uniform_soup
 

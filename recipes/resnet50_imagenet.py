@@ -45,7 +45,7 @@ from mkopt.checkpoint import CheckpointStore, atomic_save, atomic_write, capture
 from mkopt.distributed import (
     DistributedContext, average_probability_grads, cleanup, setup_distributed, unwrap, wrap_model,
 )  # fmt: skip
-from mkopt.experiments.methods import distillation_loss
+from mkopt.losses import distillation_loss
 from mkopt.config import parse_overrides
 from mkopt.job import PreemptionGuard, RecipeJob, preemption_signal
 from mkopt.resumable import EpochBatches, SeededSamples, shard

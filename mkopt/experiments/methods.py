@@ -33,6 +33,7 @@ from ..data import Split
 from .models import ARCHS, arch
 from .runs import RunSpec
 from .subset import select_rows
+from ..losses import distillation_loss  # noqa: F401  (its home is the library; imported here for the Distilled trainer)
 
 OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
     "adam": (torch.optim.Adam, {}),
@@ -154,22 +155,6 @@ class Ensemble(Trainee):
 
 def member_seed(seed: int, k: int) -> int:
     return seed * 1000 + k
-
-
-def distillation_loss(student_logits, teacher_probs, y, temperature=DISTILL_TEMPERATURE, alpha=DISTILL_ALPHA):
-    """``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, y)`` (Hinton et al. 2015).
-
-    ``teacher_probs`` are the teacher's probabilities at temperature T (for an ensemble: the mean
-    over members of each member's tempered softmax).
-
-    Example:
-        >>> s = torch.tensor([[2.0, 0.0]]); t = torch.tensor([[0.5, 0.5]]); y = torch.tensor([0])
-        >>> round(float(distillation_loss(s, t, y, temperature=1.0, alpha=1.0)), 4)  # KL(t || softmax(s))
-        0.4338
-    """
-    log_student = F.log_softmax(student_logits / temperature, dim=-1)
-    kl = F.kl_div(log_student, teacher_probs, reduction="batchmean")
-    return alpha * temperature**2 * kl + (1 - alpha) * F.cross_entropy(student_logits, y)
 
 
 class Distilled(Plain):
