@@ -172,7 +172,7 @@ def test_yaml_configs_load_and_validate():
     assert load_config(GlueRunConfig, CONFIGS[1]).label == "mk_e3"
     assert load_config(GlueRunConfig, CONFIGS[0]).label == "baseline"
     assert load_config(GlueRunConfig, CONFIGS[1], ["lr=1e-3", "tasks=rte"]).lr == 1e-3
-    with pytest.raises(ValueError, match="unknown config key"):
+    with pytest.raises(ValueError, match="unknown key .learning_rate."):
         load_config(GlueRunConfig, CONFIGS[1], ["learning_rate=1e-3"])
     with pytest.raises(ValueError, match="not key=value"):
         load_config(GlueRunConfig, CONFIGS[1], ["max_steps"])
