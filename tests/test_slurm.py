@@ -23,7 +23,7 @@ submitit = pytest.importorskip("submitit")
 pytest.importorskip("yaml")
 
 from mkopt import launch  # noqa: E402
-from mkopt.experiments.launcher import InlineLauncher, LocalPoolLauncher  # noqa: E402
+from mkopt.launch.base import InlineLauncher, LocalPoolLauncher  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent

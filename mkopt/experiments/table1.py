@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .. import launch
 from . import datasets
-from .launcher import Launcher
+from ..launch.base import Launcher
 from .methods import LR_BASE, LR_GRID, METHODS
 from .report import plot_curves, table
 from .sweep import SweepConfig, load_dataset, run_sweep

@@ -1,6 +1,6 @@
 """Run ``fn(item)`` for many items: in this process, on local processes, or as SLURM job arrays.
 
-Every launcher implements :class:`mkopt.experiments.launcher.Launcher`: ``run(fn, items)`` yields
+Every launcher implements :class:`mkopt.launch.base.Launcher`: ``run(fn, items)`` yields
 ``(item, result)`` as runs finish. The kinds (:data:`LAUNCHERS`):
 
 - ``inline``: sequentially in this process (simplest to debug);
@@ -45,8 +45,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .experiments.launcher import InlineLauncher, Launcher, LocalPoolLauncher
-from .config import parse_overrides  # the one key=value parser (re-exported: --cluster values)
+from .base import InlineLauncher, Launcher, LocalPoolLauncher
+from ..config import parse_overrides  # the one key=value parser (re-exported: --cluster values)
 
 __all__ = [
     "LAUNCHERS",
