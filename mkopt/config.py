@@ -86,14 +86,24 @@ def _loader() -> type:
     return Loader
 
 
-def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequence[str] = (), *, aliases: dict[str, str] | None = None) -> T:
+def load_config(
+    schema: type[T],
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    aliases: dict[str, str] | None = None,
+    values: dict[str, Any] | None = None,
+    source: str = "settings",
+) -> T:
     """An instance of dataclass ``schema`` from the YAML file ``path`` (optional), then ``overrides``.
 
     Layers apply in order (the schema's defaults, the file, the overrides); each is checked as it
     is merged, so an error names its source. A single value given for a list key becomes a
     one-element list (``tasks=rte``). ``aliases`` maps other accepted names onto the schema's
-    keys (e.g. submitit's ``timeout_min`` -> ``time_min``). The dataclass's ``__post_init__`` runs
-    last; a ``ValueError`` it raises is reported as a :class:`ConfigError` too.
+    keys (e.g. submitit's ``timeout_min`` -> ``time_min``). ``values``: a mapping applied between
+    the file and the overrides, named ``source`` in errors (settings given as keyword arguments).
+    The dataclass's ``__post_init__`` runs last; a ``ValueError`` it raises is reported as a
+    :class:`ConfigError` naming where the config came from.
     """
     from omegaconf import ListConfig, OmegaConf
     from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -108,6 +118,8 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequ
         if not file.is_file():
             raise ConfigError(f"config file {file} not found")
         layers.append((str(file), _read_yaml(file), {}))
+    if values:
+        layers.append((source, dict(values), {}))
     if overrides:
         origin = {item.partition("=")[0].strip(): item for item in overrides}
         layers.append(("override", _nest(parse_overrides(overrides)), origin))
@@ -124,6 +136,10 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequ
             except ConfigKeyError as error:
                 key = _full_key(error)
                 raise ConfigError(f"{_describe(source, origin, key)}: unknown key {key!r}; valid keys here: {_keys_beside(config, key)}") from None
+            except TypeError:  # OmegaConf: "Cannot merge incompatible container types" (a list for a mapping, ...)
+                key = next((k for k, v in _flatten(values).items() if _container_mismatch(config, k, v)), "?")
+                raise ConfigError(f"{_describe(source, origin, key)}: {key} expects {_expected_type(schema, key)}, "
+                                  f"got {type(_flatten(values).get(key)).__name__}") from None  # fmt: skip
             except ValidationError as error:
                 key = _full_key(error)
                 if key == "?":  # a value where a section belongs: OmegaConf names neither key nor section
@@ -138,7 +154,14 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequ
     except OmegaConfBaseException as error:
         raise ConfigError(f"{source}: {str(error).splitlines()[0]}") from None
     except ValueError as error:  # the schema's own checks (__post_init__)
-        raise ConfigError(f"{path if path is not None else 'config'}: {error}") from None
+        raise ConfigError(f"{path if path is not None else source}: {error}") from None
+
+
+def _container_mismatch(config: Any, key: str, value: Any) -> bool:
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    node = OmegaConf.select(config, key, default=None, throw_on_missing=False)
+    return (isinstance(node, DictConfig) and isinstance(value, list)) or (isinstance(node, ListConfig) and isinstance(value, dict))
 
 
 def _is_section(schema: type, key: str) -> bool:

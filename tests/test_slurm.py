@@ -19,11 +19,13 @@ from pathlib import Path
 
 import pytest
 
+from mkopt.errors import ConfigError
+
 submitit = pytest.importorskip("submitit")
 pytest.importorskip("yaml")
 
 from mkopt import launch  # noqa: E402
-from mkopt.launch.base import InlineLauncher, LocalPoolLauncher  # noqa: E402
+from mkopt.launch import InlineLauncher, LocalPoolLauncher  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -90,11 +92,13 @@ def test_overrides_win_and_per_task_resources_scale_to_the_node(tmp_path):
 @pytest.mark.parametrize(
     "text, error, words",
     [
-        ("partiton: gpu\n", ValueError, ["unknown key(s) ['partiton']", "valid:", "partition"]),
-        ("cpus_per_task: four\n", TypeError, ["cpus_per_task='four'", "an integer"]),
-        ("nodes: 0\n", ValueError, ["nodes=0", ">= 1"]),
-        ("- partition\n", ValueError, ["YAML mapping"]),
-        ("setup: module load cuda\n", TypeError, ["setup=", "a list of strings"]),
+        ("partiton: gpu\n", ConfigError, ["unknown key 'partiton'", "valid keys here:", "partition"]),
+        ("cpus_per_task: four\n", ConfigError, ["cpus_per_task expects int", "'four'"]),
+        ("nodes: 0\n", ConfigError, ["nodes=0", ">= 1"]),
+        ("- partition\n", ConfigError, ["must hold a mapping"]),
+        ("sbatch: [a]\n", ConfigError, ["sbatch expects dict"]),
+        ("gpus_per_node: 3\ntasks_per_node: 2\n", ConfigError, ["gpus_per_node=3 is not a multiple of tasks_per_node=2"]),
+        ("partition: [gpu\n", ConfigError, ["not valid YAML (line"]),
     ],
 )
 def test_bad_profiles_are_errors_naming_the_file(tmp_path, text, error, words):
@@ -105,10 +109,21 @@ def test_bad_profiles_are_errors_naming_the_file(tmp_path, text, error, words):
     assert str(path) in str(info.value) and all(w in str(info.value) for w in words)
 
 
+def test_submitits_names_are_aliases(tmp_path):
+    path = tmp_path / "submitit.yaml"
+    path.write_text("tasks_per_node: 4\ngpus_per_node: 8\nmem_gb: 64\ntimeout_min: 90\n")
+    profile = launch.load_profile(path)
+    assert (profile.gpus_per_task, profile.mem_gb_per_task, profile.time_min) == (2, 16.0, 90)
+    assert profile.slurm_parameters()["gpus_per_node"] == 8 and profile.slurm_parameters()["mem"] == "65536M"
+    assert launch.load_profile(None, timeout_min=5, gpus_per_node=1).replace(mem_gb=2).time_min == 5
+    with pytest.raises(ConfigError, match="'timeout_min' and 'time_min' set the same thing"):
+        launch.load_profile(None, timeout_min=5, time_min=6)
+
+
 def test_bad_overrides_are_errors():
     with pytest.raises(FileNotFoundError, match="slurm/profiles"):
         launch.load_profile("/nonexistent/profile.yaml")
-    with pytest.raises(ValueError, match=r"unknown cluster setting\(s\) \['gpus'\]"):
+    with pytest.raises(ConfigError, match=r"unknown cluster setting\(s\) \['gpus'\]"):
         launch.load_profile(LOCAL_TEST, gpus=1)
     with pytest.raises(ValueError, match="key=value"):
         launch.parse_overrides(["partition"])
@@ -182,7 +197,7 @@ def test_local_max_running_counts_every_task_of_a_job(tmp_path, monkeypatch):
 def test_a_requeued_job_is_not_timed_out_by_its_earlier_ending(monkeypatch):
     """NODE_FAIL, then PENDING again (SLURM requeued it): the grace period of the first ending must not fire."""
     states = iter(["NODE_FAIL", "PENDING", "PENDING"])
-    monkeypatch.setattr(launch, "_states", lambda jobs: {key: next(states) for key in jobs})
+    monkeypatch.setattr("mkopt.launch.waiting._states", lambda jobs: {key: next(states) for key in jobs})
     task = argparse.Namespace(paths=argparse.Namespace(result_pickle=Path("/nonexistent/result.pkl")))
     job = argparse.Namespace(job_id="7", num_tasks=1, task=lambda i: task)
     watch = launch._Watch(poll_s=0.0, state_poll_s=0.0, result_grace_s=0.05)

@@ -25,7 +25,7 @@ from ..checkpoint import atomic_write
 from ..data import Split, load_cifar10, load_fashion_mnist, load_npz, validation_split
 from ..errors import DataError
 from . import datasets, methods
-from ..launch.base import InlineLauncher, Launcher
+from ..launch import InlineLauncher, Launcher
 from .runs import ResultStore, RunSpec, commit_of_tree
 
 # Epoch budget per method (full grid). MK needs more steps (paper 5.1): the MK variants and
