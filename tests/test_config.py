@@ -84,3 +84,22 @@ def test_missing_file_and_aliases(tmp_path):
 
 def test_config_errors_are_value_errors_for_old_callers():
     assert issubclass(ConfigError, ValueError)
+
+
+def test_the_finetune_recipe_config_is_typed(tmp_path):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("finetune_recipe", root / "recipes" / "finetune_rotten_tomatoes.py")
+    recipe = importlib.util.module_from_spec(spec)
+    sys.modules["finetune_recipe"] = recipe
+    spec.loader.exec_module(recipe)
+    yaml_path = root / "recipes" / "configs" / "finetune_rotten_tomatoes.yaml"
+    config = recipe.load_config(str(yaml_path), ["steps=40", "seeds=[0]"])
+    assert config["steps"] == 40 and config["seeds"] == [0] and config["methods"] == ["baseline", "mk", "adv-mk"]
+    with pytest.raises(ConfigError, match=r"override 'steps=many': steps expects int"):
+        recipe.load_config(str(yaml_path), ["steps=many"])
+    with pytest.raises(ConfigError, match=r"finetune_rotten_tomatoes\.yaml: methods: unknown \['sam'\]"):
+        recipe.load_config(str(yaml_path), ["methods=[mk, sam]"])
