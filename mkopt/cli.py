@@ -6,7 +6,7 @@ import argparse
 import re
 import sys
 
-from .errors import UserInputError
+from .errors import exit_on_user_error
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,11 +20,8 @@ def main(argv: list[str] | None = None) -> int:
         module.add_arguments(commands.add_parser(name, help=doc.splitlines()[0], description=doc,
                                                  formatter_class=argparse.RawDescriptionHelpFormatter))  # fmt: skip
     args = parser.parse_args(argv)
-    try:
-        return {"table1": table1, "demo": demo}[args.command].run(args)
-    except UserInputError as error:  # bad data, config or names: the message says what and how to fix; no traceback
-        print(f"mkopt {args.command}: error: {error}", file=sys.stderr)
-        return 1
+    # bad data, config or names: one line saying what and how to fix, exit 1; bugs keep their traceback
+    return exit_on_user_error(lambda: {"table1": table1, "demo": demo}[args.command].run(args), f"mkopt {args.command}")
 
 
 def terminal_text(docstring: str) -> str:

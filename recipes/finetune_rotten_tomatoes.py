@@ -248,4 +248,6 @@ def plot_curves(runs: list[dict], config: dict, out: Path) -> Path | None:
 
 
 if __name__ == "__main__":
-    main()
+    from mkopt.errors import exit_on_user_error
+
+    sys.exit(exit_on_user_error(main, "finetune_rotten_tomatoes.py"))

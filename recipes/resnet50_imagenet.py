@@ -18,6 +18,7 @@ with ``strict=True``; for MK the mean of the copies, via ``mkopt.deploy``) and `
 from __future__ import annotations
 
 import argparse
+import sys
 import contextlib
 import copy
 import csv
@@ -623,4 +624,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    from mkopt.errors import exit_on_user_error
+
+    sys.exit(exit_on_user_error(main, "resnet50_imagenet.py"))

@@ -54,4 +54,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mkopt.errors import exit_on_user_error
+
+    sys.exit(exit_on_user_error(main, "t5_glue.py"))
