@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from .optimizer import MKOptimizer
+from .expand import Expansion
+
+
+class Diagnosable(Protocol):
+    """What the statistics read from an optimizer (an :class:`mkopt.MKOptimizer`); typed by shape, so this
+    module does not import the optimizer that imports it."""
+
+    expansion: Expansion
+    last_p_entropy: float | None
+
+    @property
+    def mk_step(self) -> int: ...
 
 
 class KernelCollapseWarning(UserWarning):
@@ -16,7 +26,7 @@ class KernelCollapseWarning(UserWarning):
 
 
 @torch.no_grad()
-def copy_spread(opt: "MKOptimizer", collapse_threshold: float = 1e-4) -> dict[str, float]:
+def copy_spread(opt: Diagnosable, collapse_threshold: float = 1e-4) -> dict[str, float]:
     """See :meth:`MKOptimizer.diagnostics`.
 
     Example:

@@ -21,6 +21,7 @@ from .parametrization import MajorityKernel
 from .compiled import compile_by_default
 from .fused import fused_kernels_compile
 from .sampling import DirichletSampler, step_seed
+from .streams import stream_id
 from .targets import TargetSpec, TargetTensor, select_targets
 
 Init = Literal["replicate", "independent"]
@@ -40,7 +41,6 @@ class Expansion:
     """
 
     e: int
-    init: str
     seed: int
     targets: list[TargetTensor]
     sampler: DirichletSampler
@@ -114,7 +114,7 @@ def _independent(e: int, seed: int, index: int, target: TargetTensor):
         for k in range(e):
             scratch = copy.deepcopy(owner.module)
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(step_seed(seed, k, stream=1_000_003 + index))
+                torch.manual_seed(step_seed(seed, k, stream=stream_id("independent_init", index)))
                 getattr(scratch, reset.__name__)()
             out.append(getattr(scratch, owner.attr).detach().to(w.dtype))
         return torch.stack(out)
@@ -237,6 +237,6 @@ def expand(
     for target in chosen:
         store[tuple(target.name.split("."))] = target.param
     requires_grad = [t.param.requires_grad for t in chosen]
-    expansion = Expansion(e, init, seed, chosen, sampler, store, original_keys, parameter_orders, requires_grad)
+    expansion = Expansion(e, seed, chosen, sampler, store, original_keys, parameter_orders, requires_grad)
     object.__setattr__(model, _EXPANSION_ATTR, expansion)
     return expansion

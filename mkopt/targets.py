@@ -118,7 +118,9 @@ def select_targets(model: nn.Module, spec: TargetSpec = None) -> list[TargetTens
     ]
     for target in chosen:
         _validate(target)  # first: an integer tensor is refused for its dtype, not as "frozen"
-    frozen = [t.name for t in chosen if not t.param.requires_grad]
+    # mkopt's own copies (an already expanded model; the fused path freezes them) are not the user's
+    # frozen tensors: expand() refuses that model with its own message
+    frozen = [t.name for t in chosen if not t.param.requires_grad and not _is_majority_kernel_stack(t)]
     if frozen and spec is not None:
         raise ValueError(
             f"targets={spec!r} selects frozen tensors {frozen} (requires_grad=False): they would be expanded to e "
@@ -139,6 +141,17 @@ def select_targets(model: nn.Module, spec: TargetSpec = None) -> list[TargetTens
             "for every floating parameter with ndim >= 2"
         )
     return chosen
+
+
+def _is_majority_kernel_stack(target: TargetTensor) -> bool:
+    from torch.nn.utils.parametrize import ParametrizationList
+
+    from .parametrization import MajorityKernel
+
+    return any(
+        isinstance(o.module, ParametrizationList) and any(isinstance(p, MajorityKernel) for p in o.module)
+        for o in target.owners
+    )
 
 
 def _validate(target: TargetTensor) -> None:

@@ -84,3 +84,14 @@ def test_frozen_tensors_named_explicitly_are_an_error():
     model[0].weight.requires_grad_(False)
     with pytest.raises(ValueError, match=r"selects frozen tensors \['0\.weight'\].*Unfreeze"):
         mkopt.MKOptimizer(torch.optim.SGD, model, targets="*.weight", lr=0.1)
+
+
+def test_random_streams_live_in_one_table_with_disjoint_ranges():
+    from mkopt.streams import STREAMS, stream_id
+
+    ranges = sorted((s.base, s.base + s.span, name) for name, s in STREAMS.items())
+    for (_, end, first), (start, _, second) in zip(ranges, ranges[1:]):
+        assert end <= start, f"streams {first} and {second} overlap"
+    # the values that define saved runs' bits never move
+    assert (stream_id("probabilities"), stream_id("independent_init", 3)) == (0, 1_000_006)
+    assert (stream_id("data_order"), stream_id("sample", 7)) == (0x0DA7A0, (0x5A3F1E << 32) + 7)
