@@ -92,11 +92,11 @@ def test_the_finetune_recipe_config_is_typed(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("finetune_recipe", root / "recipes" / "finetune_rotten_tomatoes.py")
+    spec = importlib.util.spec_from_file_location("finetune_recipe", root / "mkopt" / "recipes" / "finetune_rotten_tomatoes.py")
     recipe = importlib.util.module_from_spec(spec)
     sys.modules["finetune_recipe"] = recipe
     spec.loader.exec_module(recipe)
-    yaml_path = root / "recipes" / "configs" / "finetune_rotten_tomatoes.yaml"
+    yaml_path = root / "mkopt" / "recipes" / "configs" / "finetune_rotten_tomatoes.yaml"
     config = recipe.load_config(str(yaml_path), ["steps=40", "seeds=[0]"])
     assert config["steps"] == 40 and config["seeds"] == [0] and config["methods"] == ["baseline", "mk", "adv-mk"]
     with pytest.raises(ConfigError, match=r"override 'steps=many': steps expects int"):

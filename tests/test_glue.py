@@ -13,7 +13,7 @@ from mkopt.config import load_config
 from mkopt.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "recipes" / "configs" / "t5_glue").glob("*.yaml"))
+CONFIGS = sorted((ROOT / "mkopt" / "recipes" / "configs" / "t5_glue").glob("*.yaml"))
 
 
 # -- formats -----------------------------------------------------------------------------------
@@ -169,7 +169,7 @@ def test_yaml_configs_load_and_validate():
     for path in CONFIGS:
         config = load_config(GlueRunConfig, path)
         assert config.tasks == list(glue.TASKS) and config.model == "t5-small"
-        assert "python recipes/t5_glue.py --config recipes/configs/t5_glue/" + path.name in path.read_text().splitlines()[1]
+        assert "python mkopt/recipes/t5_glue.py --config mkopt/recipes/configs/t5_glue/" + path.name in path.read_text().splitlines()[1]
     assert load_config(GlueRunConfig, CONFIGS[1]).label == "mk_e3"
     assert load_config(GlueRunConfig, CONFIGS[0]).label == "baseline"
     assert load_config(GlueRunConfig, CONFIGS[1], ["lr=1e-3", "tasks=rte"]).lr == 1e-3
@@ -186,7 +186,7 @@ TINY = ["model=tiny-random", "data=generated", "generated_examples=8", "batch_si
 
 
 def recipe_main():
-    return runpy.run_path(str(ROOT / "recipes" / "t5_glue.py"), run_name="t5_glue")["main"]
+    return runpy.run_path(str(ROOT / "mkopt" / "recipes" / "t5_glue.py"), run_name="t5_glue")["main"]
 
 
 @pytest.mark.slow

@@ -402,14 +402,14 @@ def test_slurm_preempted_recipe_job_requeues_and_matches_an_uninterrupted_run(tm
 @needs_slurm
 @pytest.mark.slow
 def test_slurm_resnet50_recipe_runs_ddp_over_two_tasks_and_deploys_a_torchvision_resnet50(tmp_path, job_env):
-    """The issue's end-to-end check: recipes/resnet50_imagenet.py (MK, width 8, 32 px) as a 2-task SLURM job."""
+    """The issue's end-to-end check: mkopt/recipes/resnet50_imagenet.py (MK, width 8, 32 px) as a 2-task SLURM job."""
     import torch
     import torchvision
     from PIL import Image
 
     from mkopt.job import RecipeJob, load_recipe
 
-    recipe_path = ROOT / "recipes" / "resnet50_imagenet.py"
+    recipe_path = ROOT / "mkopt" / "recipes" / "resnet50_imagenet.py"
     images = tmp_path / "images"
     g = torch.Generator().manual_seed(0)
     for split, count in (("train", 4), ("val", 1)):  # one global batch of 8 per epoch
@@ -424,7 +424,7 @@ def test_slurm_resnet50_recipe_runs_ddp_over_two_tasks_and_deploys_a_torchvision
         "data.eval_batch=4", "model.num_classes=3", "model.width_per_group=8", "optim.batch_size=8", "schedule.epochs=2",
         "schedule.milestones=[1]", "device=cpu", "amp=off", "deterministic=true", "log.progress=false", "mk.sampler_compile=false",
     ]  # fmt: skip
-    config = load_recipe(recipe_path).load_config(ROOT / "recipes" / "configs" / "resnet50_imagenet" / "mk.yaml", overrides)
+    config = load_recipe(recipe_path).load_config(ROOT / "mkopt" / "recipes" / "configs" / "resnet50_imagenet" / "mk.yaml", overrides)
     launcher = slurm_launcher(tmp_path, tasks_per_node=2, cpus_per_task=1)
     ranks = launch.wait(launcher.submit(RecipeJob(recipe_path, config)), timeout_s=300)
     assert [r["world_size"] for r in ranks] == [2, 2] and ranks[0]["steps"] == 2 and ranks[0]["method"] == "mk"

@@ -48,7 +48,7 @@ METHODS = ("baseline", "mk")
 
 @dataclass
 class GlueRunConfig:
-    """Everything one ``recipes/t5_glue.py`` run needs (the YAML keys).
+    """Everything one ``mkopt/recipes/t5_glue.py`` run needs (the YAML keys).
 
     Example:
         >>> GlueRunConfig(method="mk", e=3).label

@@ -1,7 +1,7 @@
 """BASELINE vs MK(e=3) vs Adv-MK fine-tuning of pretrained MiniLM-L6 on Rotten-Tomatoes, plus model soups.
 
 Usage (the YAML header has the full command):
-    python recipes/finetune_rotten_tomatoes.py --config recipes/configs/finetune_rotten_tomatoes.yaml [key=value ...]
+    python mkopt/recipes/finetune_rotten_tomatoes.py --config mkopt/recipes/configs/finetune_rotten_tomatoes.yaml [key=value ...]
 
 Every (method, seed) run writes ``<out>/runs/<method>-s<seed>.json`` atomically; a rerun skips
 finished runs. When all baseline seeds are done their weights make a uniform and a greedy soup
@@ -36,7 +36,7 @@ from mkopt.soups import greedy_soup, uniform_soup
 
 @dataclass
 class RecipeConfig:
-    """The YAML keys (recipes/configs/finetune_rotten_tomatoes.yaml); types checked on loading."""
+    """The YAML keys (mkopt/recipes/configs/finetune_rotten_tomatoes.yaml); types checked on loading."""
 
     model_path: Optional[str] = None
     data_path: Optional[str] = None

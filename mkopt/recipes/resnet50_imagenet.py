@@ -1,11 +1,11 @@
 """ResNet-50 on ImageNet (paper section 5.2, Table 2): BASELINE, BASELINE-LONG, MK, Adv-MK, ENSEMBLE, DISTILLED.
 
 Usage (each YAML header has its full launch command):
-    python recipes/resnet50_imagenet.py --config recipes/configs/resnet50_imagenet/mk.yaml data.root=/data/imagenet out=/ckpt/mk
-    torchrun --nproc_per_node=8 recipes/resnet50_imagenet.py --config ... [key=value ...]
+    python mkopt/recipes/resnet50_imagenet.py --config mkopt/recipes/configs/resnet50_imagenet/mk.yaml data.root=/data/imagenet out=/ckpt/mk
+    torchrun --nproc_per_node=8 mkopt/recipes/resnet50_imagenet.py --config ... [key=value ...]
 
 Overrides are dotted ``key=value`` pairs (values parsed as YAML: ``schedule.milestones=[30,60]``).
-On SLURM, submit ``mkopt.job.RecipeJob("recipes/resnet50_imagenet.py", config)`` (what ``main`` runs
+On SLURM, submit ``mkopt.job.RecipeJob("mkopt/recipes/resnet50_imagenet.py", config)`` (what ``main`` runs
 in-process): ranks come from submitit, a preemption signal checkpoints at the next step boundary
 and requeues, and the requeued job resumes from ``<out>/checkpoints`` with the same data order.
 
@@ -617,7 +617,7 @@ def run(config: dict[str, Any], job: RecipeJob | None = None) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="recipes/configs/resnet50_imagenet/<variant>.yaml")
+    parser.add_argument("--config", required=True, help="mkopt/recipes/configs/resnet50_imagenet/<variant>.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted key=value pairs, e.g. optim.batch_size=512 data.workers=16")
     args = parser.parse_args(argv)
     return RecipeJob(__file__, load_config(args.config, args.overrides))()
