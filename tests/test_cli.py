@@ -45,3 +45,16 @@ def test_training_steps_of_the_table1_methods_warn_nothing():
             spec = RunSpec(method, "A1", "adam", 1e-3, 0, 1, "synthetic", batch=16)
             trainee = methods.build(spec, 6, 3, None)
             assert isinstance(trainee.step(x, y), float)
+
+
+def test_table1_settings_go_through_the_config_system(tmp_path, capsys):
+    import json
+
+    args = ["table1", "--dataset", "synthetic", "--methods", "baseline", "--archs", "A1", "--optimizers", "adam",
+            "--workers", "1", "--runs", str(tmp_path), "--set", "seeds=[0]", "base_epochs=1", "lrs.adam=[1e-3]"]  # fmt: skip
+    assert main(args) == 0
+    [result] = list(tmp_path.rglob("baseline/*.json"))
+    assert json.loads(result.read_text())["spec"]["epochs"] == 1 and (tmp_path / "table1.md").is_file()
+    capsys.readouterr()
+    assert main([*args[:-3], "base_epoch=1"]) == 1
+    assert "unknown key 'base_epoch'" in capsys.readouterr().err
