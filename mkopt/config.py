@@ -97,8 +97,8 @@ def load_config(
 ) -> T:
     """An instance of dataclass ``schema`` from the YAML file ``path`` (optional), then ``overrides``.
 
-    Layers apply in order (the schema's defaults, the file, the overrides); each is checked as it
-    is merged, so an error names its source. A single value given for a list key becomes a
+    Layers apply in order (the schema's defaults, the file, ``values``, the overrides); each is
+    checked as it is merged, so an error names its source. A single value given for a list key becomes a
     one-element list (``tasks=rte``). ``aliases`` maps other accepted names onto the schema's
     keys (e.g. submitit's ``timeout_min`` -> ``time_min``). ``values``: a mapping applied between
     the file and the overrides, named ``source`` in errors (settings given as keyword arguments).
@@ -123,36 +123,36 @@ def load_config(
     if overrides:
         origin = {item.partition("=")[0].strip(): item for item in overrides}
         layers.append(("override", _nest(parse_overrides(overrides)), origin))
-    source = "defaults"
+    where = "defaults"
     try:
-        for source, values, origin in layers:
-            values = _apply_aliases(values, aliases or {})
-            for key, value in _flatten(values).items():
+        for where, layer, origin in layers:
+            layer = _apply_aliases(layer, aliases or {})
+            for key, value in _flatten(layer).items():
                 node = OmegaConf.select(config, key, default=None, throw_on_missing=False)
                 if isinstance(node, ListConfig) and value is not None and not isinstance(value, list):
-                    values = _set(values, key, [value])  # tasks=rte: a one-element list
+                    layer = _set(layer, key, [value])  # tasks=rte: a one-element list
             try:
-                config = OmegaConf.merge(config, values)
+                config = OmegaConf.merge(config, layer)
             except ConfigKeyError as error:
                 key = _full_key(error)
-                raise ConfigError(f"{_describe(source, origin, key)}: unknown key {key!r}; valid keys here: {_keys_beside(config, key)}") from None
+                raise ConfigError(f"{_describe(where, origin, key)}: unknown key {key!r}; valid keys here: {_keys_beside(config, key)}") from None
             except TypeError:  # OmegaConf: "Cannot merge incompatible container types" (a list for a mapping, ...)
-                key = next((k for k, v in _flatten(values).items() if _container_mismatch(config, k, v)), "?")
-                raise ConfigError(f"{_describe(source, origin, key)}: {key} expects {_expected_type(schema, key)}, "
-                                  f"got {type(_flatten(values).get(key)).__name__}") from None  # fmt: skip
+                key = next((k for k, v in _flatten(layer).items() if _container_mismatch(config, k, v)), "?")
+                raise ConfigError(f"{_describe(where, origin, key)}: {key} expects {_expected_type(schema, key)}, "
+                                  f"got {type(_flatten(layer).get(key)).__name__}") from None  # fmt: skip
             except ValidationError as error:
                 key = _full_key(error)
                 if key == "?":  # a value where a section belongs: OmegaConf names neither key nor section
-                    key = next((k for k, v in values.items() if not isinstance(v, dict) and _is_section(schema, k)), "?")
-                    raise ConfigError(f"{_describe(source, origin, key)}: {key} is a section ({_expected_type(schema, key)}), "
+                    key = next((k for k, v in layer.items() if not isinstance(v, dict) and _is_section(schema, k)), "?")
+                    raise ConfigError(f"{_describe(where, origin, key)}: {key} is a section ({_expected_type(schema, key)}), "
                                       f"not a value: write its keys under it, e.g. {key}.<key>=...") from None  # fmt: skip
                 message = str(error.msg or error).splitlines()[0]
-                raise ConfigError(f"{_describe(source, origin, key)}: {key} expects {_expected_type(schema, key)}: {message}") from None
+                raise ConfigError(f"{_describe(where, origin, key)}: {key} expects {_expected_type(schema, key)}: {message}") from None
         return OmegaConf.to_object(config)  # type: ignore[return-value]
     except ConfigError:
         raise
     except OmegaConfBaseException as error:
-        raise ConfigError(f"{source}: {str(error).splitlines()[0]}") from None
+        raise ConfigError(f"{where}: {str(error).splitlines()[0]}") from None
     except ValueError as error:  # the schema's own checks (__post_init__)
         raise ConfigError(f"{path if path is not None else source}: {error}") from None
 
