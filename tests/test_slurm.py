@@ -434,3 +434,11 @@ def test_slurm_resnet50_recipe_runs_ddp_over_two_tasks_and_deploys_a_torchvision
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_a_profile_built_in_python_is_type_checked_too():
+    with pytest.raises(ConfigError, match=r"cluster setting cpus_per_task='four' must be int"):
+        launch.ClusterProfile(cpus_per_task="four")
+    with pytest.raises(ConfigError, match=r"cluster setting setup=.*must be list\[str\]"):
+        launch.ClusterProfile(setup=[1, {"a": 2}])
+    assert launch.ClusterProfile(setup=("module load cuda",)).setup == ("module load cuda",)

@@ -57,6 +57,7 @@ class ClusterProfile:
     sbatch: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        _check_types(self)  # built in Python (not from YAML) too: a wrong type is named here, not deep in submitit
         positive = ("nodes", "tasks_per_node", "cpus_per_task", "time_min", "array_parallelism", "max_array_size")
         for name in positive:
             if getattr(self, name) < 1:
@@ -134,6 +135,20 @@ class ClusterProfile:
         parts += [f"gpus_per_task={self.gpus_per_task}", f"mem_gb_per_task={self.mem_gb_per_task}", f"time_min={self.time_min}"]
         parts += [f"{k}={v}" for k, v in self.sbatch.items()]
         return ", ".join(parts)
+
+
+def _check_types(profile: ClusterProfile) -> None:
+    """Each field's value against its annotation, by the same OmegaConf validation the YAML loader uses."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        OmegaConf.structured(profile)
+    except OmegaConfBaseException as error:
+        key = str(getattr(error, "full_key", "") or "").split("[")[0]
+        value = getattr(profile, key, "?") if key else "?"
+        annotation = ClusterProfile.__annotations__.get(key, "?")
+        raise ConfigError(f"cluster setting {key}={value!r} must be {annotation}: {str(error).splitlines()[0]}") from None
 
 
 def _resolve_aliases(values: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
