@@ -20,10 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import mkopt  # noqa: E402
-from mkopt.experiments.runs import commit_of_tree  # noqa: E402
-from mkopt.data import Split, load_fashion_mnist  # noqa: E402
+import mkopt
+from mkopt.provenance import commit_of_tree
+from mkopt.data import Split, load_fashion_mnist
 
 
 def a2() -> nn.Module:

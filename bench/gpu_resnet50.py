@@ -3,7 +3,7 @@
 Run (GPU):   python bench/gpu_resnet50.py [--batch 256] [--amp bf16|fp16] [--out results/bench/gpu_resnet50.md]
 Smoke (CPU): python bench/gpu_resnet50.py --device cpu --batch 8 --size 64 --repeats 2 --steps 1
 
-The step is the recipe's (recipes/resnet50_imagenet.py): torchvision ``resnet50``, channels_last,
+The step is the recipe's (mkopt/recipes/resnet50_imagenet.py): torchvision ``resnet50``, channels_last,
 autocast (bf16 where supported, else fp16 with a GradScaler), SGD momentum 0.9, weight decay 1e-4;
 MK and Adv-MK wrap the same SGD with ``mkopt.MKOptimizer`` (Adv-MK: the two-call form, two passes).
 
@@ -33,9 +33,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import mkopt  # noqa: E402
-from mkopt.experiments.runs import commit_of_tree  # noqa: E402
+import mkopt
+from mkopt.provenance import commit_of_tree
 
 VARIANTS = {"baseline": None, "MK": "dirichlet", "Adv-MK": "adv-mk"}
 TIME_TARGET = 1.03

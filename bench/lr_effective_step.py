@@ -23,9 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import mkopt  # noqa: E402
-from mkopt.experiments.runs import commit_of_tree  # noqa: E402
+import mkopt
+from mkopt.provenance import commit_of_tree
 
 OPTIMIZERS = {
     "SGD": (torch.optim.SGD, {"lr": 0.05}),

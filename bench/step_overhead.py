@@ -60,14 +60,13 @@ from typing import Any
 
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's chatter on stderr (children inherit it)
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import mkopt  # noqa: E402
-from mkopt.experiments.models import mlp  # noqa: E402
-from mkopt.experiments.runs import commit_of_tree  # noqa: E402
+import mkopt
+from mkopt.experiments.models import mlp
+from mkopt.provenance import commit_of_tree
 
 # The ``path`` keyword is new; until the installed mkopt has it, MK is built without it (generic only).
 MK_HAS_PATH = "path" in inspect.signature(mkopt.MKOptimizer).parameters

@@ -9,6 +9,7 @@ warns once and runs every kernel eagerly, unless compilation was requested expli
 
 from __future__ import annotations
 
+import logging
 import threading
 import types
 import warnings
@@ -16,6 +17,22 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+
+
+
+class _DropCudaHomeNotice(logging.Filter):
+    """Drops torch's "No CUDA runtime is found, using CUDA_HOME=..." notice.
+
+    torch.utils.cpp_extension logs it on import whenever a CUDA toolkit is installed on a machine
+    without a GPU; inductor imports that module for every CPU kernel mkopt compiles, so each run
+    printed it although nothing CUDA is built. Only that one message is dropped.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No CUDA runtime is found")
+
+
+logging.getLogger("torch.utils.cpp_extension").addFilter(_DropCudaHomeNotice())
 
 _compiled: dict[tuple[Any, ...], Callable[..., Any]] = {}
 _lock = threading.Lock()

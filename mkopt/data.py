@@ -6,6 +6,7 @@ import gzip
 import os
 import pickle
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,14 +62,31 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
 
 def find_fashion_mnist(root: str | os.PathLike | None = None) -> Path:
-    """The folder holding the four Fashion-MNIST IDX files; a clear error saying where it looked."""
-    candidates = [Path(root)] if root is not None else []
-    if os.environ.get("MKOPT_FASHION_MNIST"):
-        candidates.append(Path(os.environ["MKOPT_FASHION_MNIST"]))
-    candidates += [Path(p).expanduser() for p in FASHION_MNIST_SEARCH]
+    """The folder holding the four Fashion-MNIST IDX files; a clear error saying where it looked.
+
+    An explicit ``root`` (then ``$MKOPT_FASHION_MNIST``) is authoritative: when it lacks the files
+    this is an error, never a silent fall back to another copy. Without either, the usual places
+    are searched.
+
+    Example:
+        >>> import tempfile
+        >>> find_fashion_mnist(tempfile.mkdtemp())  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: Fashion-MNIST not found in ... (the folder you passed)...
+    """
+    if root is not None:
+        candidates, origin = [Path(root).expanduser()], "the folder you passed"
+    elif os.environ.get("MKOPT_FASHION_MNIST"):
+        candidates, origin = [Path(os.environ["MKOPT_FASHION_MNIST"]).expanduser()], "$MKOPT_FASHION_MNIST"
+    else:
+        candidates, origin = [Path(p).expanduser() for p in FASHION_MNIST_SEARCH], ""
     for folder in candidates:
         if all(_idx_file(folder, name) is not None for name in FASHION_MNIST_FILES.values()):
             return folder
+    if origin:
+        names = ", ".join(f"{n}(.gz)" for n in FASHION_MNIST_FILES.values())
+        raise FileNotFoundError(f"Fashion-MNIST not found in {candidates[0]} ({origin}): it must hold {names}")
     raise FileNotFoundError(
         "Fashion-MNIST not found; looked in: "
         + ", ".join(str(c) for c in candidates)
@@ -144,6 +162,13 @@ def load_npz(path: str | os.PathLike) -> tuple[Split, Split]:
     test = Split(tensor_x(arrays["x_test"]), torch.from_numpy(np.asarray(arrays["y_test"])))
     validate_split(train.x, train.y, f"{path} (train)")
     classes = int(train.y.max()) + 1
+    if len(train.y) and int(train.y.min()) > 0:
+        warnings.warn(
+            f"{path}: train labels are {int(train.y.min())}..{classes - 1}, so class 0 has no example and the model gets "
+            f"{classes} outputs; labels are expected as 0..C-1 (subtract {int(train.y.min())} if yours start there)",
+            UserWarning,
+            stacklevel=2,
+        )
     validate_split(test.x, test.y, f"{path} (test)", classes)
     if train.x.shape[1:] != test.x.shape[1:]:
         raise ValueError(f"{path}: x_train samples have shape {tuple(train.x.shape[1:])} but x_test {tuple(test.x.shape[1:])}")
@@ -167,7 +192,9 @@ def load_cifar10(root: str | os.PathLike | None = None) -> tuple[Split, Split]:
 
     def batch(name: str) -> tuple[np.ndarray, np.ndarray]:
         with open(folder / name, "rb") as handle:
-            entry = pickle.load(handle, encoding="latin1")
+            entry = _CifarUnpickler(handle, encoding="latin1").load()
+        if not isinstance(entry, dict) or "data" not in entry or "labels" not in entry:
+            raise ValueError(f"{folder / name}: expected a CIFAR-10 batch (a dict with 'data' and 'labels')")
         data = np.asarray(entry["data"], dtype=np.uint8)
         if data.ndim != 2 or data.shape[1] != 3072:
             raise ValueError(f"{folder / name}: expected data of shape [n, 3072], got {data.shape}")
@@ -181,6 +208,27 @@ def load_cifar10(root: str | os.PathLike | None = None) -> tuple[Split, Split]:
     validate_split(train.x, train.y, f"{folder} (train)", 10)
     validate_split(test.x, test.y, f"{folder} (test)", 10)
     return train, test
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what a CIFAR batch holds (dicts, lists, str/bytes, numpy arrays): a crafted file
+    that names any other callable is refused instead of run."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(
+                f"{module}.{name} is not part of a CIFAR-10 batch: refusing to load it (the file is not torchvision's "
+                "cifar-10-batches-py, or it was tampered with)"
+            )
+        return super().find_class(module, name)
 
 
 def validation_split(train: Split, fraction: float = 0.1, seed: int = 0) -> tuple[Split, Split]:

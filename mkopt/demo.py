@@ -22,6 +22,7 @@ from torch import nn
 
 from . import MKOptimizer, deploy
 from .data import Split, load_fashion_mnist
+from .errors import DataError
 from .experiments.models import arch
 
 
@@ -69,7 +70,10 @@ def train(name: str, model: nn.Module, opt: torch.optim.Optimizer, train_set: Sp
 
 
 def run(args: argparse.Namespace) -> int:
-    train_set, test_set = load_fashion_mnist(args.data)
+    try:
+        train_set, test_set = load_fashion_mnist(args.data)
+    except (OSError, ValueError) as error:  # the reader's message names the folder and how to get the data
+        raise DataError(str(error)) from None
     mean, std = train_set.x.mean(), train_set.x.std()
     train_set = Split((train_set.x - mean) / std, train_set.y)
     test_set = Split((test_set.x - mean) / std, test_set.y)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import re
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -22,8 +22,11 @@ from .parametrization import mean_of_copies
 _STACKED_KEY = re.compile(r"^(?P<prefix>(?:.*\.)?)parametrizations\.(?P<attr>[^.]+)\.original$")
 
 
-def collapse(model: nn.Module) -> nn.Module:
+def collapse(model: nn.Module, *, allow_nonfinite: bool = False) -> nn.Module:
     """Fold an expanded model in place into its plain form and return it.
+
+    Copies holding NaN or inf (a diverged run) are refused with the tensor's name, before anything
+    changes; ``allow_nonfinite=True`` collapses them anyway.
 
     Afterwards the model has its original module classes, parameter objects (now holding the
     mean kernels), ties, and state_dict keys in the original order. An optimizer built over the
@@ -37,6 +40,8 @@ def collapse(model: nn.Module) -> nn.Module:
         ('Linear', (3, 4))
     """
     expansion = expansion_of(model)
+    if not allow_nonfinite:
+        _refuse_nonfinite((t.name, t.param) for t in expansion.targets)
     with torch.no_grad():
         for index, target in enumerate(expansion.targets):
             param = target.param
@@ -57,10 +62,11 @@ def collapse(model: nn.Module) -> nn.Module:
     return model
 
 
-def deploy(model: nn.Module) -> nn.Module:
+def deploy(model: nn.Module, *, allow_nonfinite: bool = False) -> nn.Module:
     """A new plain model whose kernels are the mean of ``model``'s copies; ``model`` is left as is.
 
-    The copy keeps ``model``'s train/eval flags; call ``.eval()`` for inference as usual.
+    The copy keeps ``model``'s train/eval flags; call ``.eval()`` for inference as usual. Copies
+    holding NaN or inf are refused with the tensor's name (``allow_nonfinite=True`` ships them).
 
     Example:
         >>> import mkopt, torch
@@ -72,11 +78,15 @@ def deploy(model: nn.Module) -> nn.Module:
         >>> x = torch.randn(5, 4); torch.equal(net(x), plain(x))
         True
     """
-    expansion_of(model)  # clear error before copying anything
-    return collapse(copy.deepcopy(model))
+    expansion = expansion_of(model)  # clear errors before copying anything
+    if not allow_nonfinite:
+        _refuse_nonfinite((t.name, t.param) for t in expansion.targets)
+    return collapse(copy.deepcopy(model), allow_nonfinite=True)
 
 
-def collapse_state_dict(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
+def collapse_state_dict(
+    state_dict: Mapping[str, torch.Tensor], *, allow_nonfinite: bool = False
+) -> "OrderedDict[str, torch.Tensor]":
     """Collapse a saved expanded ``state_dict`` offline (no model needed) into a plain one.
 
     Every ``<prefix>parametrizations.<name>.original`` stack becomes ``<prefix><name>`` = mean of
@@ -99,6 +109,8 @@ def collapse_state_dict(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[
             collapsed[key] = value
             continue
         found = True
+        if not allow_nonfinite:
+            _refuse_nonfinite([(key, value)])
         identity = _storage_identity(value)  # state_dict() detaches: ties share storage, not objects
         if identity not in means:
             means[identity] = mean_of_copies(value.detach())
@@ -110,6 +122,19 @@ def collapse_state_dict(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[
     if record is not None and set(record["keys"]) == set(collapsed):
         collapsed = OrderedDict((k, collapsed[k]) for k in record["keys"])
     return collapsed
+
+
+def _refuse_nonfinite(named: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Raise naming the first stack of copies that holds NaN or inf (a diverged run must not ship silently)."""
+    for name, stack in named:
+        finite = torch.isfinite(stack.detach())
+        if not bool(finite.all()):
+            bad = int(finite.numel() - finite.sum())
+            raise ValueError(
+                f"{name!r} has {bad} non-finite value(s) (NaN/inf) among its copies: the training diverged, and its "
+                "mean would ship them. Resume from an earlier checkpoint or lower the lr; pass allow_nonfinite=True "
+                "to deploy it anyway"
+            )
 
 
 def _reorder_parameters(module: nn.Module, order: list[str]) -> None:

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from .optimizer import MKOptimizer
+
+
+class Diagnosable(Protocol):
+    """What the statistics read from an optimizer (:class:`mkopt.MKOptimizer` or an ``mkopt.optim`` one);
+    typed by shape, so this module does not import the optimizers that import it."""
+
+    last_p_entropy: float | None
+
+    @property
+    def mk_step(self) -> int: ...
+
+    def named_copies(self) -> list[tuple[str, torch.Tensor]]: ...
 
 
 class KernelCollapseWarning(UserWarning):
@@ -16,19 +26,22 @@ class KernelCollapseWarning(UserWarning):
 
 
 @torch.no_grad()
-def copy_spread(opt: "MKOptimizer", collapse_threshold: float = 1e-4) -> dict[str, float]:
+def copy_spread(opt: Diagnosable, collapse_threshold: float = 1e-4) -> dict[str, float]:
     """See :meth:`MKOptimizer.diagnostics`.
 
     Example:
         >>> import torch, mkopt
         >>> opt = mkopt.MKOptimizer(torch.optim.SGD, torch.nn.Linear(3, 3), e=2, lr=0.1, init="independent")
-        >>> stats = opt.diagnostics(); stats["spread"] > 0, stats["collapsed"]
-        (True, 0.0)
+        >>> stats = opt.diagnostics(); stats["spread"] > 0, stats["collapsed"], stats["nonfinite"]
+        (True, 0.0, 0.0)
     """
     stats: dict[str, float] = {}
     deviation_total = norm_total = 0.0
+    nonfinite: list[str] = []
     for name, copies in opt.named_copies():
         stacked = copies.detach().float()
+        if not bool(torch.isfinite(stacked).all()):
+            nonfinite.append(name)
         mean = stacked.mean(0)
         deviation = torch.linalg.vector_norm((stacked - mean).flatten(1), dim=1).mean()
         norm = torch.linalg.vector_norm(mean)
@@ -36,6 +49,14 @@ def copy_spread(opt: "MKOptimizer", collapse_threshold: float = 1e-4) -> dict[st
         deviation_total += float(deviation) ** 2
         norm_total += float(norm) ** 2
     stats["spread"] = (deviation_total / max(norm_total, 1e-60)) ** 0.5
+    stats["nonfinite"] = float(len(nonfinite))  # kernels whose copies hold NaN/inf: spread is then meaningless
+    if nonfinite:
+        warnings.warn(
+            f"MK copies of {nonfinite} hold NaN/inf at step {opt.mk_step}: the training diverged (lower the lr, or "
+            "resume from an earlier checkpoint); spread and collapse cannot be measured",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     if opt.last_p_entropy is not None:
         stats["p_entropy"] = opt.last_p_entropy
     collapsed = opt.mk_step > 0 and stats["spread"] < collapse_threshold

@@ -8,6 +8,7 @@ expanded once and every owner reads the same stack.
 from __future__ import annotations
 
 import copy
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -20,6 +21,7 @@ from .parametrization import MajorityKernel
 from .compiled import compile_by_default
 from .fused import fused_kernels_compile
 from .sampling import DirichletSampler, step_seed
+from .streams import stream_id
 from .targets import TargetSpec, TargetTensor, select_targets
 
 Init = Literal["replicate", "independent"]
@@ -39,7 +41,6 @@ class Expansion:
     """
 
     e: int
-    init: str
     seed: int
     targets: list[TargetTensor]
     sampler: DirichletSampler
@@ -83,9 +84,14 @@ def is_expanded(model: nn.Module) -> bool:
 
 
 def _check_e(e: Any) -> int:
-    if isinstance(e, bool) or not isinstance(e, int) or e < 1:
+    """``e`` as a Python int: any integer type (``numpy.int64`` from a config or a grid) via ``operator.index``."""
+    try:
+        value = None if isinstance(e, bool) else operator.index(e)
+    except TypeError:
+        value = None
+    if value is None or value < 1:
         raise ValueError(f"e={e!r} is not an expansion factor: pass an int >= 1 (the paper uses e=3; e=1 is plain training)")
-    return e
+    return value
 
 
 def _replicate(e: int):
@@ -108,7 +114,7 @@ def _independent(e: int, seed: int, index: int, target: TargetTensor):
         for k in range(e):
             scratch = copy.deepcopy(owner.module)
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(step_seed(seed, k, stream=1_000_003 + index))
+                torch.manual_seed(step_seed(seed, k, stream=stream_id("independent_init", index)))
                 getattr(scratch, reset.__name__)()
             out.append(getattr(scratch, owner.attr).detach().to(w.dtype))
         return torch.stack(out)
@@ -233,6 +239,6 @@ def expand(
         store[tuple(target.name.split("."))] = target.param
     requires_grad = [t.param.requires_grad for t in chosen]
     sampler.driven = False  # until an MKOptimizer adopts the expansion
-    expansion = Expansion(e, init, seed, chosen, sampler, store, original_keys, parameter_orders, requires_grad)
+    expansion = Expansion(e, seed, chosen, sampler, store, original_keys, parameter_orders, requires_grad)
     object.__setattr__(model, _EXPANSION_ATTR, expansion)
     return expansion

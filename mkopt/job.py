@@ -18,7 +18,7 @@ every rank holds the same state, so rank 0's checkpoint is the run's.
 
 Example:
     >>> import pickle
-    >>> job = RecipeJob("recipes/resnet50_imagenet.py", {"method": "baseline"})
+    >>> job = RecipeJob("mkopt/recipes/resnet50_imagenet.py", {"method": "baseline"})
     >>> again = pickle.loads(pickle.dumps(job))
     >>> again.config, again.recipe == job.recipe
     ({'method': 'baseline'}, True)
@@ -122,7 +122,7 @@ class RecipeJob(Checkpointable):
     """Run ``recipe_path``'s ``run(config, job=...)``; ``checkpoint()`` saves and resubmits the job.
 
     Example:
-        >>> job = RecipeJob("recipes/resnet50_imagenet.py", {"out": "/tmp/run"})
+        >>> job = RecipeJob("mkopt/recipes/resnet50_imagenet.py", {"out": "/tmp/run"})
         >>> type(job.checkpoint()).__name__       # nothing running: nothing to save, just resubmit
         'DelayedSubmission'
     """
@@ -162,11 +162,11 @@ def load_recipe(path: str | os.PathLike) -> ModuleType:
         >>> load_recipe("/nonexistent/recipe.py")
         Traceback (most recent call last):
         ...
-        FileNotFoundError: recipe /nonexistent/recipe.py does not exist (pass the path of a recipes/*.py script)
+        FileNotFoundError: recipe /nonexistent/recipe.py does not exist (pass the path of a mkopt/recipes/*.py script)
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"recipe {path} does not exist (pass the path of a recipes/*.py script)")
+        raise FileNotFoundError(f"recipe {path} does not exist (pass the path of a mkopt/recipes/*.py script)")
     name = f"mkopt_recipe_{path.stem}"
     loaded = sys.modules.get(name)
     if loaded is not None and Path(getattr(loaded, "__file__", "")).resolve() == path.resolve():

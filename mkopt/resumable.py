@@ -26,9 +26,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from .sampling import step_seed
-
-_ORDER_STREAM = 0x0DA7A0
-_SAMPLE_STREAM = 0x5A3F1E << 32  # per-sample streams: this + index
+from .streams import stream_id
 
 
 class EpochBatches(Sampler[list[tuple[int, int]]]):
@@ -74,7 +72,7 @@ class EpochBatches(Sampler[list[tuple[int, int]]]):
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         if self.shuffle:
-            generator = torch.Generator().manual_seed(step_seed(self.seed, self.epoch, _ORDER_STREAM))
+            generator = torch.Generator().manual_seed(step_seed(self.seed, self.epoch, stream_id("data_order")))
             order = torch.randperm(self.num_samples, generator=generator).tolist()
         else:
             order = list(range(self.num_samples))
@@ -108,7 +106,7 @@ class SeededSamples(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> Any:
         epoch, index = key
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(step_seed(self.seed, epoch, _SAMPLE_STREAM + index))
+            torch.manual_seed(step_seed(self.seed, epoch, stream_id("sample", index)))
             return self.dataset[index]
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .compiled import compile_by_default, run_kernel
+from .streams import stream_id
 
 _MASK64 = (1 << 64) - 1
 
@@ -165,8 +166,8 @@ class DirichletSampler:
         self.driven: bool | None = False  # an MKOptimizer redraws p (None: trained without one, warned)
 
     def stream_of(self, key: BufferKey) -> int:
-        """The stream number of the tensors stored under ``key`` (order of first allocation)."""
-        return list(self._sizes).index(key)
+        """The stream id of the tensors stored under ``key`` (:mod:`mkopt.streams`; order of first allocation)."""
+        return stream_id("probabilities", list(self._sizes).index(key))
 
     def compile_kernels(self, device: torch.device) -> bool:
         """Whether the kernels for tensors on ``device`` run compiled (see :mod:`mkopt.compiled`)."""
@@ -227,8 +228,8 @@ class DirichletSampler:
         """
         if self._pending:
             self._materialize()
-        for stream, key in enumerate(self._sizes):
-            seed = self.seeds[key] = step_seed(self.seed, step, stream)
+        for key in self._sizes:
+            seed = self.seeds[key] = step_seed(self.seed, step, self.stream_of(key))
             # a new tensor each step: a graph built at step t keeps step t's key for its backward
             self.keys[key] = torch.tensor(seed, dtype=torch.int64, device=key.device)
             if fill and not self.regenerate:

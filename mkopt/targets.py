@@ -9,6 +9,7 @@ a module type, a name pattern (``fnmatch`` on the parameter's qualified name, e.
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Union
@@ -59,7 +60,15 @@ def is_default_kernel(name: str, tensor: torch.Tensor, module: nn.Module) -> boo
 def _compile(spec: TargetSpec) -> Predicate:
     if spec is None:
         return is_default_kernel
-    entries: Iterable = [spec] if isinstance(spec, (type, str)) or callable(spec) else spec
+    if isinstance(spec, (type, str)) or callable(spec):
+        entries: Iterable = [spec]
+    elif isinstance(spec, Sequence):
+        entries = spec
+    else:
+        raise TypeError(
+            f"targets={spec!r} is not a target spec: pass None (the default kernels), a module type, a name pattern, "
+            "a predicate (name, tensor, module) -> bool, or a list of these, e.g. targets=[nn.Linear, 'encoder.*.weight']"
+        )
     matchers: list[Predicate] = []
     for entry in entries:
         if isinstance(entry, type) and issubclass(entry, nn.Module):
@@ -92,6 +101,10 @@ def collect_parameter_owners(model: nn.Module) -> dict[int, TargetTensor]:
 def select_targets(model: nn.Module, spec: TargetSpec = None) -> list[TargetTensor]:
     """The tensors of ``model`` that ``spec`` selects, validated; raises if none or any is unsupported.
 
+    Frozen tensors (``requires_grad=False``) are never trained, so expanding them would only cost
+    ``e`` times their memory: the default spec skips them with a warning; an explicit spec that
+    selects one is an error naming it.
+
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
         >>> [t.name for t in select_targets(net)]
@@ -103,15 +116,42 @@ def select_targets(model: nn.Module, spec: TargetSpec = None) -> list[TargetTens
         for target in collect_parameter_owners(model).values()
         if any(predicate(o.qualified_name, target.param, o.module) for o in target.owners)
     ]
+    for target in chosen:
+        _validate(target)  # first: an integer tensor is refused for its dtype, not as "frozen"
+    # mkopt's own copies (an already expanded model; the fused path freezes them) are not the user's
+    # frozen tensors: expand() refuses that model with its own message
+    frozen = [t.name for t in chosen if not t.param.requires_grad and not _is_majority_kernel_stack(t)]
+    if frozen and spec is not None:
+        raise ValueError(
+            f"targets={spec!r} selects frozen tensors {frozen} (requires_grad=False): they would be expanded to e "
+            "copies and never trained. Unfreeze them (param.requires_grad_(True)) or exclude them from targets="
+        )
+    if frozen:
+        warnings.warn(
+            f"skipping frozen tensors {frozen} (requires_grad=False): expanding them would cost e times their memory "
+            "and they are never trained; unfreeze them before building MKOptimizer to train them as majority kernels",
+            UserWarning,
+            stacklevel=3,
+        )
+        chosen = [t for t in chosen if t.param.requires_grad]
     if not chosen:
         raise ValueError(
             f"targets={spec!r} matched no tensor of {type(model).__name__}: nothing to expand. "
             "Check the names with [n for n, _ in model.named_parameters()] or pass targets=None "
             "for every floating parameter with ndim >= 2"
         )
-    for target in chosen:
-        _validate(target)
     return chosen
+
+
+def _is_majority_kernel_stack(target: TargetTensor) -> bool:
+    from torch.nn.utils.parametrize import ParametrizationList
+
+    from .parametrization import MajorityKernel
+
+    return any(
+        isinstance(o.module, ParametrizationList) and any(isinstance(p, MajorityKernel) for p in o.module)
+        for o in target.owners
+    )
 
 
 def _validate(target: TargetTensor) -> None:

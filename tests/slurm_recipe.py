@@ -1,4 +1,4 @@
-"""A toy recipe for tests/test_slurm.py, shaped like recipes/*.py: ``run(config, job=None)`` for ``mkopt.job.RecipeJob``.
+"""A toy recipe for tests/test_slurm.py, shaped like mkopt/recipes/*.py: ``run(config, job=None)`` for ``mkopt.job.RecipeJob``.
 
 MK (e=3, SGD + momentum) on a small MLP; the data of each step is a pure function of ``(step, rank)``.
 Ranks come from submitit (``mkopt.distributed.setup_distributed``: DDP over gloo when the job has

@@ -35,9 +35,10 @@ def test_truncated_idx_and_missing_data_fail_clearly(tmp_path, monkeypatch):
     (tmp_path / "bad").write_bytes((tmp_path / "bad").read_bytes()[:-3])
     with pytest.raises(ValueError, match="truncated"):
         read_idx(tmp_path / "bad")
-    monkeypatch.setattr("mkopt.data.FASHION_MNIST_SEARCH", ())
+    monkeypatch.setattr("mkopt.data.FASHION_MNIST_SEARCH", (str(tmp_path / "empty"),))
+    monkeypatch.delenv("MKOPT_FASHION_MNIST", raising=False)
     with pytest.raises(FileNotFoundError, match=r"looked in: .*empty.*apt-get install dataset-fashion-mnist"):
-        load_fashion_mnist(tmp_path / "empty")
+        load_fashion_mnist()
 
 
 def test_cifar10_reader_on_a_generated_folder(tmp_path):

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from mkopt.experiments import methods
-from mkopt.experiments.launcher import InlineLauncher
+from mkopt.launch import InlineLauncher
 from mkopt.experiments.report import table
 from mkopt.experiments.runs import RunSpec
 from mkopt.experiments.sweep import SweepConfig, load_dataset, run_sweep

@@ -9,10 +9,11 @@ import pytest
 
 from mkopt.experiments import glue
 from mkopt.experiments.glue import get_task, glue_average, load_split, parse_prediction, task_metrics, to_text
-from mkopt.experiments.recipe_config import load_config
+from mkopt.config import load_config
+from mkopt.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "recipes" / "configs" / "t5_glue").glob("*.yaml"))
+CONFIGS = sorted((ROOT / "mkopt" / "recipes" / "configs" / "t5_glue").glob("*.yaml"))
 
 
 # -- formats -----------------------------------------------------------------------------------
@@ -168,11 +169,11 @@ def test_yaml_configs_load_and_validate():
     for path in CONFIGS:
         config = load_config(GlueRunConfig, path)
         assert config.tasks == list(glue.TASKS) and config.model == "t5-small"
-        assert "python recipes/t5_glue.py --config recipes/configs/t5_glue/" + path.name in path.read_text().splitlines()[1]
+        assert "python mkopt/recipes/t5_glue.py --config mkopt/recipes/configs/t5_glue/" + path.name in path.read_text().splitlines()[1]
     assert load_config(GlueRunConfig, CONFIGS[1]).label == "mk_e3"
     assert load_config(GlueRunConfig, CONFIGS[0]).label == "baseline"
     assert load_config(GlueRunConfig, CONFIGS[1], ["lr=1e-3", "tasks=rte"]).lr == 1e-3
-    with pytest.raises(ValueError, match="unknown config key"):
+    with pytest.raises(ValueError, match="unknown key .learning_rate."):
         load_config(GlueRunConfig, CONFIGS[1], ["learning_rate=1e-3"])
     with pytest.raises(ValueError, match="not key=value"):
         load_config(GlueRunConfig, CONFIGS[1], ["max_steps"])
@@ -185,7 +186,7 @@ TINY = ["model=tiny-random", "data=generated", "generated_examples=8", "batch_si
 
 
 def recipe_main():
-    return runpy.run_path(str(ROOT / "recipes" / "t5_glue.py"), run_name="t5_glue")["main"]
+    return runpy.run_path(str(ROOT / "mkopt" / "recipes" / "t5_glue.py"), run_name="t5_glue")["main"]
 
 
 @pytest.mark.slow
@@ -237,5 +238,40 @@ def test_recipe_bad_inputs_fail_clearly(tmp_path):
         run(load_config(GlueRunConfig, CONFIGS[1], [*TINY, "tasks=[sst2]", f"data={tmp_path}", f"out_dir={tmp_path}"]))
     with pytest.raises(ValueError, match="matched no tensor of T5ForConditionalGeneration"):
         run(load_config(GlueRunConfig, CONFIGS[1], [*TINY, "tasks=[rte]", "targets=no.such.*", f"out_dir={tmp_path}"]))
-    with pytest.raises(FileNotFoundError, match="config file"):
+    with pytest.raises(ConfigError, match="config file .*missing.yaml not found"):
         main(["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_a_task_killed_mid_way_resumes_from_its_checkpoint_bit_identically(tmp_path, monkeypatch):
+    """Item 10 of the hardening issue: 8 tasks x 10k steps must survive a kill inside a task."""
+    from mkopt.experiments import glue_finetune
+    from mkopt.experiments.glue_finetune import GlueRunConfig, run
+
+    settings = dict(method="mk", model="tiny-random", data="generated", tasks=["rte"], max_steps=6, eval_every=3,
+                    generated_examples=16, batch_size=4, sampler_compile=False, checkpoint_every=2, progress=False)  # fmt: skip
+    whole = run(GlueRunConfig(**settings, out_dir=str(tmp_path / "whole")))["rte"]
+
+    real = glue_finetune._batches
+    calls = {"n": 0}
+
+    def dies_after_five_batches(*args, **kwargs):
+        calls["n"] += 1
+        calls["skip"] = kwargs.get("skip")
+        for count, batch in enumerate(real(*args, **kwargs)):
+            if calls["n"] == 1 and count == 5:
+                raise KeyboardInterrupt("killed at step 6")
+            yield batch
+
+    monkeypatch.setattr(glue_finetune, "_batches", dies_after_five_batches)
+    config = GlueRunConfig(**settings, out_dir=str(tmp_path / "killed"))
+    with pytest.raises(KeyboardInterrupt):
+        run(config)
+    task = tmp_path / "killed" / "mk_e3" / "seed0" / "rte"
+    assert sorted(p.name for p in (task / "checkpoints").glob("ckpt-*.pt")) == ["ckpt-0000000002.pt", "ckpt-0000000004.pt"]
+    resumed = run(config)["rte"]
+    assert calls == {"n": 2, "skip": 4}  # the rerun started after step 4, from the checkpoint, not from scratch
+    assert resumed["final"] == whole["final"] and resumed["best"] == whole["best"]
+    losses = lambda folder: [row.split(",")[1] for row in (folder / "train.csv").read_text().splitlines()]  # noqa: E731
+    assert losses(task) == losses(tmp_path / "whole" / "mk_e3" / "seed0" / "rte")  # every step's loss, bit for bit
+    assert (task / "eval.csv").read_text() == (tmp_path / "whole" / "mk_e3" / "seed0" / "rte" / "eval.csv").read_text()
+    assert not (task / "checkpoints").exists()  # removed once result.json exists

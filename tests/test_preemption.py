@@ -206,7 +206,7 @@ def test_training_state_round_trip_through_the_store_is_bit_identical(tmp_path):
 
 
 def test_guard_defers_the_signal_to_the_step_boundary_and_job_checkpoint_saves():
-    job = RecipeJob(ROOT / "recipes" / "resnet50_imagenet.py", {"out": "/tmp/x"})
+    job = RecipeJob(ROOT / "mkopt" / "recipes" / "resnet50_imagenet.py", {"out": "/tmp/x"})
     events = []
     job.attach(lambda: events.append("saved"))
 

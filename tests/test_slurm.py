@@ -19,11 +19,13 @@ from pathlib import Path
 
 import pytest
 
+from mkopt.errors import ConfigError
+
 submitit = pytest.importorskip("submitit")
 pytest.importorskip("yaml")
 
 from mkopt import launch  # noqa: E402
-from mkopt.experiments.launcher import InlineLauncher, LocalPoolLauncher  # noqa: E402
+from mkopt.launch import InlineLauncher, LocalPoolLauncher  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -90,11 +92,13 @@ def test_overrides_win_and_per_task_resources_scale_to_the_node(tmp_path):
 @pytest.mark.parametrize(
     "text, error, words",
     [
-        ("partiton: gpu\n", ValueError, ["unknown key(s) ['partiton']", "valid:", "partition"]),
-        ("cpus_per_task: four\n", TypeError, ["cpus_per_task='four'", "an integer"]),
-        ("nodes: 0\n", ValueError, ["nodes=0", ">= 1"]),
-        ("- partition\n", ValueError, ["YAML mapping"]),
-        ("setup: module load cuda\n", TypeError, ["setup=", "a list of strings"]),
+        ("partiton: gpu\n", ConfigError, ["unknown key 'partiton'", "valid keys here:", "partition"]),
+        ("cpus_per_task: four\n", ConfigError, ["cpus_per_task expects int", "'four'"]),
+        ("nodes: 0\n", ConfigError, ["nodes=0", ">= 1"]),
+        ("- partition\n", ConfigError, ["must hold a mapping"]),
+        ("sbatch: [a]\n", ConfigError, ["sbatch expects dict"]),
+        ("gpus_per_node: 3\ntasks_per_node: 2\n", ConfigError, ["gpus_per_node=3 is not a multiple of tasks_per_node=2"]),
+        ("partition: [gpu\n", ConfigError, ["not valid YAML (line"]),
     ],
 )
 def test_bad_profiles_are_errors_naming_the_file(tmp_path, text, error, words):
@@ -105,10 +109,21 @@ def test_bad_profiles_are_errors_naming_the_file(tmp_path, text, error, words):
     assert str(path) in str(info.value) and all(w in str(info.value) for w in words)
 
 
+def test_submitits_names_are_aliases(tmp_path):
+    path = tmp_path / "submitit.yaml"
+    path.write_text("tasks_per_node: 4\ngpus_per_node: 8\nmem_gb: 64\ntimeout_min: 90\n")
+    profile = launch.load_profile(path)
+    assert (profile.gpus_per_task, profile.mem_gb_per_task, profile.time_min) == (2, 16.0, 90)
+    assert profile.slurm_parameters()["gpus_per_node"] == 8 and profile.slurm_parameters()["mem"] == "65536M"
+    assert launch.load_profile(None, timeout_min=5, gpus_per_node=1).replace(mem_gb=2).time_min == 5
+    with pytest.raises(ConfigError, match="'timeout_min' and 'time_min' set the same thing"):
+        launch.load_profile(None, timeout_min=5, time_min=6)
+
+
 def test_bad_overrides_are_errors():
     with pytest.raises(FileNotFoundError, match="slurm/profiles"):
         launch.load_profile("/nonexistent/profile.yaml")
-    with pytest.raises(ValueError, match=r"unknown cluster setting\(s\) \['gpus'\]"):
+    with pytest.raises(ConfigError, match=r"unknown cluster setting\(s\) \['gpus'\]"):
         launch.load_profile(LOCAL_TEST, gpus=1)
     with pytest.raises(ValueError, match="key=value"):
         launch.parse_overrides(["partition"])
@@ -182,7 +197,7 @@ def test_local_max_running_counts_every_task_of_a_job(tmp_path, monkeypatch):
 def test_a_requeued_job_is_not_timed_out_by_its_earlier_ending(monkeypatch):
     """NODE_FAIL, then PENDING again (SLURM requeued it): the grace period of the first ending must not fire."""
     states = iter(["NODE_FAIL", "PENDING", "PENDING"])
-    monkeypatch.setattr(launch, "_states", lambda jobs: {key: next(states) for key in jobs})
+    monkeypatch.setattr("mkopt.launch.waiting._states", lambda jobs: {key: next(states) for key in jobs})
     task = argparse.Namespace(paths=argparse.Namespace(result_pickle=Path("/nonexistent/result.pkl")))
     job = argparse.Namespace(job_id="7", num_tasks=1, task=lambda i: task)
     watch = launch._Watch(poll_s=0.0, state_poll_s=0.0, result_grace_s=0.05)
@@ -387,14 +402,14 @@ def test_slurm_preempted_recipe_job_requeues_and_matches_an_uninterrupted_run(tm
 @needs_slurm
 @pytest.mark.slow
 def test_slurm_resnet50_recipe_runs_ddp_over_two_tasks_and_deploys_a_torchvision_resnet50(tmp_path, job_env):
-    """The issue's end-to-end check: recipes/resnet50_imagenet.py (MK, width 8, 32 px) as a 2-task SLURM job."""
+    """The issue's end-to-end check: mkopt/recipes/resnet50_imagenet.py (MK, width 8, 32 px) as a 2-task SLURM job."""
     import torch
     import torchvision
     from PIL import Image
 
     from mkopt.job import RecipeJob, load_recipe
 
-    recipe_path = ROOT / "recipes" / "resnet50_imagenet.py"
+    recipe_path = ROOT / "mkopt" / "recipes" / "resnet50_imagenet.py"
     images = tmp_path / "images"
     g = torch.Generator().manual_seed(0)
     for split, count in (("train", 4), ("val", 1)):  # one global batch of 8 per epoch
@@ -409,7 +424,7 @@ def test_slurm_resnet50_recipe_runs_ddp_over_two_tasks_and_deploys_a_torchvision
         "data.eval_batch=4", "model.num_classes=3", "model.width_per_group=8", "optim.batch_size=8", "schedule.epochs=2",
         "schedule.milestones=[1]", "device=cpu", "amp=off", "deterministic=true", "log.progress=false", "mk.sampler_compile=false",
     ]  # fmt: skip
-    config = load_recipe(recipe_path).load_config(ROOT / "recipes" / "configs" / "resnet50_imagenet" / "mk.yaml", overrides)
+    config = load_recipe(recipe_path).load_config(ROOT / "mkopt" / "recipes" / "configs" / "resnet50_imagenet" / "mk.yaml", overrides)
     launcher = slurm_launcher(tmp_path, tasks_per_node=2, cpus_per_task=1)
     ranks = launch.wait(launcher.submit(RecipeJob(recipe_path, config)), timeout_s=300)
     assert [r["world_size"] for r in ranks] == [2, 2] and ranks[0]["steps"] == 2 and ranks[0]["method"] == "mk"
@@ -419,3 +434,11 @@ def test_slurm_resnet50_recipe_runs_ddp_over_two_tasks_and_deploys_a_torchvision
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_a_profile_built_in_python_is_type_checked_too():
+    with pytest.raises(ConfigError, match=r"cluster setting cpus_per_task='four' must be int"):
+        launch.ClusterProfile(cpus_per_task="four")
+    with pytest.raises(ConfigError, match=r"cluster setting setup=.*must be list\[str\]"):
+        launch.ClusterProfile(setup=[1, {"a": 2}])
+    assert launch.ClusterProfile(setup=("module load cuda",)).setup == ("module load cuda",)

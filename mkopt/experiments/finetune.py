@@ -1,6 +1,6 @@
 """Fine-tune a pretrained sequence classifier with BASELINE / MK / Adv-MK; evaluate as it trains.
 
-Used by ``recipes/finetune_rotten_tomatoes.py``. One run = (method, seed): AdamW with linear
+Used by ``mkopt/recipes/finetune_rotten_tomatoes.py``. One run = (method, seed): AdamW with linear
 warmup and decay, dynamic padding, validation accuracy every ``eval_every`` steps, test accuracy of
 the deployed (plain, mean-of-copies) model at the end. Each run's result is written atomically;
 a rerun skips finished runs.

@@ -10,7 +10,10 @@ Layout of a run (``<label>`` is ``baseline`` or ``mk_e3``): ``<out_dir>/<label>/
 with ``train.csv`` (step, loss, lr, seconds), ``eval.csv`` (step, entry, metric, value),
 ``result.json`` (the best and the final evaluation) and optionally ``model/``;
 ``<out_dir>/<label>/seed<k>/config.yaml`` records the resolved config. A finished task is skipped
-when the same config runs again (a killed run resumes task by task).
+when the same config runs again; inside a task, ``checkpoints/`` (every ``checkpoint_every`` steps,
+written atomically by :class:`mkopt.checkpoint.CheckpointStore`) lets a killed run resume at its
+last checkpoint with the same batches, ``p`` and logs, bit for bit; they are removed once the task's
+``result.json`` exists. A progress bar per task shows the step, the loss and the last evaluation.
 
 ``model="tiny-random"`` builds a 2-layer T5 with random weights and a word-level tokenizer
 made from the training texts: no download, for smoke tests only.
@@ -20,8 +23,10 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +36,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..checkpoint import atomic_write
+from ..checkpoint import CheckpointStore, atomic_write, capture_training_state, restore_training_state
 from .glue import TASKS, GlueTask, get_task, load_split, task_metrics, to_text
 from .runs import write_json_atomic
 
@@ -43,7 +48,7 @@ METHODS = ("baseline", "mk")
 
 @dataclass
 class GlueRunConfig:
-    """Everything one ``recipes/t5_glue.py`` run needs (the YAML keys).
+    """Everything one ``mkopt/recipes/t5_glue.py`` run needs (the YAML keys).
 
     Example:
         >>> GlueRunConfig(method="mk", e=3).label
@@ -82,6 +87,8 @@ class GlueRunConfig:
     threads: int | None = None
     sampler_compile: bool | None = None
     save_model: bool = False
+    checkpoint_every: int = 1000  # steps between resumable checkpoints inside a task (0: none); removed when the task ends
+    progress: bool = True  # a tqdm bar per task (steps, loss, last evaluation)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -98,6 +105,8 @@ class GlueRunConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{key}={value!r} must be an int >= 1")
+        if isinstance(self.checkpoint_every, bool) or not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every={self.checkpoint_every!r} must be an int >= 0 (0: no checkpoints inside a task)")
 
     @property
     def label(self) -> str:
@@ -180,13 +189,19 @@ def evaluate(model: nn.Module, tokenizer: Any, task: GlueTask, examples: list[di
     return task_metrics(task, [ex["label"] for ex in examples], decoded), decoded
 
 
-def _batches(encoded: list[tuple[list[int], list[int]]], batch_size: int, seed: int, pad: int):
-    """Endless shuffled batches (a new permutation each epoch), padded; labels padded with -100."""
+def _batches(encoded: list[tuple[list[int], list[int]]], batch_size: int, seed: int, pad: int, skip: int = 0):
+    """Endless shuffled batches (a new permutation each epoch), padded; labels padded with -100.
+
+    ``skip``: start after that many batches (a resumed run sees the batches it would have seen).
+    """
     rng = random.Random(seed)
     while True:
         order = list(range(len(encoded)))
         rng.shuffle(order)
         for start in range(0, len(order) - batch_size + 1, batch_size):  # full batches only
+            if skip:
+                skip -= 1
+                continue
             rows = [encoded[i] for i in order[start : start + batch_size]]
             width = max(len(x) for x, _ in rows)
             target_width = max(len(y) for _, y in rows)
@@ -222,14 +237,30 @@ def run_task(config: GlueRunConfig, task_name: str, out: Path) -> dict[str, Any]
          tokenizer(text_target=y, max_length=config.max_target_length, truncation=True)["input_ids"])
         for x, y in pairs
     ]  # fmt: skip
-    batches = _batches(encoded, min(config.batch_size, len(encoded)), config.seed, tokenizer.pad_token_id)
     out.mkdir(parents=True, exist_ok=True)
+    store = CheckpointStore(out / "checkpoints", keep=2) if config.checkpoint_every else None
     evaluations: list[tuple[int, dict[str, dict[str, float]]]] = []
-    start = time.time()
-    with open(out / "train.csv", "w", newline="") as train_file, open(out / "eval.csv", "w", newline="") as eval_file:
+    done, elapsed = 0, 0.0
+    loaded = store.load_latest() if store is not None else None
+    if loaded is not None:
+        state, path = loaded
+        if _comparable(state["extra"]["config"]) != _comparable(dataclasses.asdict(config)):
+            raise ValueError(f"{path} was written by a different config: delete {out} or choose another out_dir")
+        progress = restore_training_state(state, model, optimizer, scheduler=scheduler)
+        done, elapsed = progress["step"], progress["seconds"]
+        evaluations = [(step, metrics) for step, metrics in state["extra"]["evaluations"]]
+    batches = _batches(encoded, min(config.batch_size, len(encoded)), config.seed, tokenizer.pad_token_id, skip=done)
+    _truncate_csv(out / "train.csv", done)  # rows past the checkpoint were logged by the killed run: redone below
+    _truncate_csv(out / "eval.csv", done)
+    start = time.time() - elapsed
+    bar = _progress_bar(config, task_name, done)
+    with open(out / "train.csv", "a", newline="") as train_file, open(out / "eval.csv", "a", newline="") as eval_file:
         train_log, eval_log = csv.writer(train_file), csv.writer(eval_file)
-        train_log.writerow(["step", "loss", "lr", "seconds"])
-        eval_log.writerow(["step", "entry", "metric", "value"])
+        if done == 0:
+            train_file.truncate(0)
+            eval_file.truncate(0)
+            train_log.writerow(["step", "loss", "lr", "seconds"])
+            eval_log.writerow(["step", "entry", "metric", "value"])
 
         def evaluate_now(step: int) -> None:
             metrics = {
@@ -242,10 +273,12 @@ def run_task(config: GlueRunConfig, task_name: str, out: Path) -> dict[str, Any]
                     eval_log.writerow([step, entry, metric, f"{value:.6g}"])
             eval_file.flush()
             evaluations.append((step, metrics))
+            if bar is not None:
+                bar.set_postfix_str(f"eval@{step} {_score(metrics):.4g}", refresh=False)
 
-        if config.eval_at_start:
+        if config.eval_at_start and done == 0:
             evaluate_now(0)
-        for step in range(1, config.max_steps + 1):
+        for step in range(done + 1, config.max_steps + 1):
             batch = {k: v.to(device) for k, v in next(batches).items()}
             optimizer.zero_grad(set_to_none=True)
             loss = model(**batch).loss
@@ -259,6 +292,17 @@ def run_task(config: GlueRunConfig, task_name: str, out: Path) -> dict[str, Any]
             train_log.writerow([step, f"{loss.item():.6g}", f"{scheduler.get_last_lr()[0]:.6g}", f"{time.time() - start:.2f}"])
             if step % config.eval_every == 0 or step == config.max_steps:
                 evaluate_now(step)
+            if bar is not None:
+                bar.update()
+                bar.set_description_str(f"{config.label} {task_name} loss {loss.item():.3g}", refresh=False)
+            if store is not None and step % config.checkpoint_every == 0 and step < config.max_steps:
+                train_file.flush()
+                eval_file.flush()  # the logs on disk reach at least the checkpoint's step
+                extra = {"config": dataclasses.asdict(config), "evaluations": [[s, m] for s, m in evaluations]}
+                progress = {"step": step, "seconds": time.time() - start}
+                store.save(capture_training_state(model, optimizer, scheduler=scheduler, progress=progress, **extra), step)
+    if bar is not None:
+        bar.close()
     best_step, best = max(evaluations, key=lambda item: (_score(item[1]), -item[0]))
     final_step, final = evaluations[-1]
     result = {
@@ -275,7 +319,31 @@ def run_task(config: GlueRunConfig, task_name: str, out: Path) -> dict[str, Any]
     # Atomic (temp file + fsync + rename): run() skips a task whose result.json exists, so a
     # half-written one from a killed run must never appear.
     write_json_atomic(out / "result.json", result)
+    if store is not None:
+        shutil.rmtree(store.directory, ignore_errors=True)  # the task is done: its e-times-larger checkpoints are not
     return result
+
+
+def _truncate_csv(path: Path, last_step: int) -> None:
+    """Keep the header and the rows up to ``last_step`` (a resumed task rewrites the rest)."""
+    if last_step == 0 or not path.is_file():
+        return
+    with open(path, newline="") as handle:
+        rows = list(csv.reader(handle))
+    kept = rows[:1] + [row for row in rows[1:] if row and int(row[0]) <= last_step]
+    text = io.StringIO()
+    csv.writer(text).writerows(kept)
+    atomic_write(path, lambda handle: handle.write(text.getvalue().encode("utf-8")))
+
+
+def _progress_bar(config: GlueRunConfig, task_name: str, done: int):
+    if not config.progress:
+        return None
+    from tqdm import tqdm
+
+    index = config.tasks.index(task_name) + 1 if task_name in config.tasks else 0
+    return tqdm(total=config.max_steps, initial=done, desc=f"{config.label} {task_name}", unit="step",
+                position=0, leave=True, mininterval=5, postfix=f"task {index}/{len(config.tasks)}")  # fmt: skip
 
 
 def run(config: GlueRunConfig) -> dict[str, dict[str, Any]]:
@@ -290,7 +358,7 @@ def run(config: GlueRunConfig) -> dict[str, dict[str, Any]]:
     """
     if config.threads:
         torch.set_num_threads(config.threads)
-    from .recipe_config import dump_config
+    from ..config import dump_config
 
     root = Path(config.out_dir) / config.label / f"seed{config.seed}"
     root.mkdir(parents=True, exist_ok=True)
@@ -314,5 +382,6 @@ def run(config: GlueRunConfig) -> dict[str, dict[str, Any]]:
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     """A config without the keys that do not change a task's results (task list, threads, output, reporting)."""
-    return {k: v for k, v in config.items() if k not in ("tasks", "threads", "out_dir", "save_model", "report")}
+    ignored = ("tasks", "threads", "out_dir", "save_model", "report", "checkpoint_every", "progress")
+    return {k: v for k, v in config.items() if k not in ignored}
 

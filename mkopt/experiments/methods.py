@@ -33,6 +33,7 @@ from ..data import Split
 from .models import ARCHS, arch
 from .runs import RunSpec
 from .subset import select_rows
+from ..losses import distillation_loss  # noqa: F401  (its home is the library; imported here for the Distilled trainer)
 
 OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
     "adam": (torch.optim.Adam, {}),
@@ -76,7 +77,7 @@ class Plain(Trainee):
         loss = self.loss(logits, x, y) if self.loss else F.cross_entropy(logits, y)
         loss.backward()
         self.opt.step()
-        return float(loss)
+        return loss.item()  # .item(), not float(): no requires_grad-to-scalar warning
 
     @torch.no_grad()
     def probabilities(self, x):
@@ -109,7 +110,7 @@ class MajorityKernels(Plain):
         loss = F.cross_entropy(self.model(x), y)
         loss.backward()
         self.opt.step()
-        return float(loss)
+        return loss.item()  # .item(), not float(): no requires_grad-to-scalar warning
 
     def parameters_deployed(self):
         return sum(p.numel() for p in mkopt.deploy(self.model).parameters())
@@ -142,7 +143,7 @@ class Ensemble(Trainee):
         loss = F.cross_entropy(logits.flatten(0, 1), y.repeat(logits.shape[0]), reduction="sum") / len(y)
         loss.backward()
         self.opt.step()
-        return float(loss) / logits.shape[0]
+        return loss.item() / logits.shape[0]
 
     @torch.no_grad()
     def probabilities(self, x):
@@ -154,22 +155,6 @@ class Ensemble(Trainee):
 
 def member_seed(seed: int, k: int) -> int:
     return seed * 1000 + k
-
-
-def distillation_loss(student_logits, teacher_probs, y, temperature=DISTILL_TEMPERATURE, alpha=DISTILL_ALPHA):
-    """``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, y)`` (Hinton et al. 2015).
-
-    ``teacher_probs`` are the teacher's probabilities at temperature T (for an ensemble: the mean
-    over members of each member's tempered softmax).
-
-    Example:
-        >>> s = torch.tensor([[2.0, 0.0]]); t = torch.tensor([[0.5, 0.5]]); y = torch.tensor([0])
-        >>> round(float(distillation_loss(s, t, y, temperature=1.0, alpha=1.0)), 4)  # KL(t || softmax(s))
-        0.4338
-    """
-    log_student = F.log_softmax(student_logits / temperature, dim=-1)
-    kl = F.kl_div(log_student, teacher_probs, reduction="batchmean")
-    return alpha * temperature**2 * kl + (1 - alpha) * F.cross_entropy(student_logits, y)
 
 
 class Distilled(Plain):
@@ -218,7 +203,7 @@ class Subset(Trainee):
         loss = F.cross_entropy(self.forward(x, chosen), y)
         loss.backward()
         self.opt.step()
-        return float(loss)
+        return loss.item()  # .item(), not float(): no requires_grad-to-scalar warning
 
     def final_model(self) -> nn.Sequential:
         """The deployable network of the original widths: one more selection (Algorithm D.1's return)."""

@@ -117,7 +117,8 @@ def _save(fig, ax, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # a sweep without the plotted methods draws no curve: no empty legend (and no warning)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

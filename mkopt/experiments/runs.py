@@ -4,34 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..checkpoint import atomic_write
-
-
-def commit_of_tree(short: bool = True) -> str:
-    """The git commit of the mkopt checkout, with "-dirty" when tracked files differ from it.
-
-    A result made from a dirty tree was not produced by that commit alone, so the mark travels with
-    every recorded result. "unknown" outside a git checkout (an installed wheel).
-
-    Example:
-        >>> commit_of_tree() != ""
-        True
-    """
-    repo = Path(__file__).resolve().parent
-    head_args = ["git", "rev-parse", "--short", "HEAD"] if short else ["git", "rev-parse", "HEAD"]
-    try:
-        head = subprocess.run(head_args, capture_output=True, text=True, check=True, cwd=repo).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True, cwd=repo
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("-dirty" if dirty else "")
+from ..errors import DataError
+from ..provenance import commit_of_tree  # noqa: F401  (re-exported: the sweep and report record it)
+from .datasets import BUILTIN, label
 
 
 def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
@@ -71,14 +52,24 @@ class RunSpec:
     @property
     def run_id(self) -> str:
         extra = "".join(f"-{k}{v}" for k, v in self.options)
-        return f"{self.dataset}/{self.method}/{self.arch}-{self.optimizer}-lr{self.lr:.6g}-s{self.seed}-ep{self.epochs}-e{self.e}-b{self.batch}{extra}"
+        return f"{label(self.dataset)}/{self.method}/{self.arch}-{self.optimizer}-lr{self.lr:.6g}-s{self.seed}-ep{self.epochs}-e{self.e}-b{self.batch}{extra}"
 
     def option(self, name: str, default: Any = None) -> Any:
         return dict(self.options).get(name, default)
 
 
+class StaleResultError(DataError):
+    """A result file on disk was made from other data or other settings than the run asked for."""
+
+
 class ResultStore:
     """``root/<run_id>.json`` per finished run; writes are atomic (temp file + ``os.replace``).
+
+    A finished run is reused only if it was made from the same data and settings: ``fingerprints``
+    maps a data set name to the hash of its content (:func:`mkopt.experiments.datasets.fingerprint`),
+    recorded with every result as ``data_sha256``. A result file whose recorded spec or data hash
+    differs from the one asked for raises :class:`StaleResultError` instead of handing back a stale
+    number. Results recorded before hashes existed are accepted for the built-in data sets only.
 
     Example:
         >>> import tempfile
@@ -88,16 +79,43 @@ class ResultStore:
         (False, None, True)
     """
 
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike, fingerprints: Mapping[str, str] | None = None) -> None:
         self.root = Path(root)
+        self.fingerprints = dict(fingerprints or {})
 
     def path(self, spec: RunSpec) -> Path:
         return self.root / f"{spec.run_id}.json"
 
     def done(self, spec: RunSpec) -> bool:
-        return self.path(spec).is_file()
+        """Whether ``spec`` finished; raises :class:`StaleResultError` if its file holds another run."""
+        path = self.path(spec)
+        if not path.is_file():
+            return False
+        record = json.loads(path.read_text())
+        recorded = _spec_from(record["spec"])
+        if recorded != spec:
+            raise StaleResultError(
+                f"{path} holds the result of {recorded}, not of {spec} (same file name, other settings): move or "
+                f"delete it, or pass another --runs folder"
+            )
+        expected = self.fingerprints.get(spec.dataset)
+        found = record["result"].get("data_sha256")
+        if expected is not None and found != expected and not (found is None and spec.dataset in BUILTIN):
+            raise StaleResultError(
+                f"{path} was made from other data (sha256 {found or 'not recorded'}) than {spec.dataset} holds now "
+                f"({expected}): its number would be stale. Pass another --runs folder for this data, or delete "
+                f"{self.root} to recompute"
+            )
+        return True
 
     def write(self, spec: RunSpec, result: dict[str, Any]) -> None:
+        expected = self.fingerprints.get(spec.dataset)
+        found = result.setdefault("data_sha256", expected)
+        if expected is not None and found != expected:
+            raise DataError(
+                f"{spec.dataset} changed while the sweep ran (its run {spec.run_id} trained on data with sha256 "
+                f"{found}, the sweep started with {expected}): rerun the sweep on data that stays put"
+            )
         path = self.path(spec)
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"spec": asdict(spec), "result": result}
@@ -112,7 +130,11 @@ class ResultStore:
             if path.name.startswith(".tmp-"):
                 continue
             record = json.loads(path.read_text())
-            spec = record["spec"]
-            spec["options"] = tuple(tuple(kv) for kv in spec.get("options", ()))
-            found.append((RunSpec(**spec), record["result"]))
+            found.append((_spec_from(record["spec"]), record["result"]))
         return found
+
+
+def _spec_from(recorded: dict[str, Any]) -> RunSpec:
+    """The :class:`RunSpec` of a result file's ``spec`` entry (JSON turns tuples into lists)."""
+    options = tuple(tuple(kv) for kv in recorded.get("options", ()))
+    return RunSpec(**{**recorded, "options": options})

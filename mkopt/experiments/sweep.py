@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import pickle
 import platform
 import warnings
 from dataclasses import dataclass, field, replace
@@ -22,8 +23,9 @@ import torch
 from ..allocator import retain_freed_memory
 from ..checkpoint import atomic_write
 from ..data import Split, load_cifar10, load_fashion_mnist, load_npz, validation_split
-from . import methods
-from .launcher import InlineLauncher, Launcher
+from ..errors import DataError
+from . import datasets, methods
+from ..launch import InlineLauncher, Launcher
 from .runs import ResultStore, RunSpec, commit_of_tree
 
 # Epoch budget per method (full grid). MK needs more steps (paper 5.1): the MK variants and
@@ -62,8 +64,19 @@ def load_dataset(name: str) -> tuple[Split, Split, Split, int, int]:
     """(fit, validation, test, input features, classes); standardized with the fit split's statistics.
 
     ``name``: ``fashion-mnist``, ``cifar10``, ``npz:PATH``, or ``synthetic`` (a small generated
-    teacher-labelled problem for tests).
+    teacher-labelled problem for tests). Missing or malformed data raises :class:`mkopt.errors.DataError`
+    (one clear message, no traceback on the command line).
     """
+    datasets.check_name(name)
+    try:
+        return _load_dataset(name)
+    except DataError:
+        raise
+    except (OSError, ValueError, pickle.UnpicklingError) as error:  # the readers' messages name the file and the fix
+        raise DataError(str(error)) from None
+
+
+def _load_dataset(name: str) -> tuple[Split, Split, Split, int, int]:
     if name == "fashion-mnist":
         train, test = load_fashion_mnist()
     elif name == "cifar10":
@@ -76,10 +89,12 @@ def load_dataset(name: str) -> tuple[Split, Split, Split, int, int]:
         x = torch.randn(1400, 20, generator=g)
         y = (x @ teacher + 0.5 * torch.randn(1400, 4, generator=g)).argmax(1)
         train, test = Split(x[:1000], y[:1000]), Split(x[1000:], y[1000:])
-    else:
-        raise ValueError(f"dataset={name!r} is unknown: use fashion-mnist, cifar10, npz:PATH or synthetic")
     fit, val = validation_split(train, 0.1, seed=0)
     mean, std = fit.x.mean(), fit.x.std()
+    if not bool(torch.isfinite(fit.x).all()):
+        raise ValueError(f"dataset={name!r}: the training features hold NaN or inf; clean or impute them before the sweep")
+    if float(std) == 0.0:
+        raise ValueError(f"dataset={name!r}: every training feature has the same value ({float(mean):g}); nothing to learn")
     norm = lambda s: Split(((s.x - mean) / std).flatten(1), s.y)  # noqa: E731
     classes = int(train.y.max()) + 1
     return norm(fit), norm(val), norm(test), fit.x[0].numel(), classes
@@ -97,16 +112,16 @@ def execute(job: tuple[RunSpec, str, RunSpec | None]) -> dict[str, Any]:
     fit, val, test, inputs, classes = load_dataset(spec.dataset)
     teacher = trained_teacher(teacher_spec, root) if spec.method == "distilled" else None
     trainee = methods.build(spec, inputs, classes, teacher)
-    return methods.train(trainee, spec, fit, val, test)
+    return {**methods.train(trainee, spec, fit, val, test), "data_sha256": datasets.fingerprint(spec.dataset)}
 
 
 def trained_teacher(spec: RunSpec, root: str) -> methods.Ensemble:
     """The ensemble of ``spec``, trained once and cached (atomically) under ``root/teachers``."""
     fit, val, test, inputs, classes = load_dataset(spec.dataset)
     ensemble = methods.Ensemble(spec, inputs, classes)
-    path = Path(root) / "teachers" / f"{spec.run_id}.pt"
+    path = Path(root) / "teachers" / f"{spec.run_id}-{datasets.fingerprint(spec.dataset)}.pt"  # keyed by the data's content
     if path.is_file():
-        state = torch.load(path)
+        state = torch.load(path, weights_only=True)
         with torch.no_grad():
             for name, value in state.items():
                 ensemble.params[name].copy_(value)
@@ -132,7 +147,8 @@ def select_lr(store: ResultStore, config: SweepConfig, method: str, arch: str, o
 def run_sweep(config: SweepConfig, root: str | os.PathLike, launcher: Launcher | None = None, progress: bool = True) -> ResultStore:
     """Run (or resume) the whole protocol; returns the store with every result."""
     launcher = launcher or InlineLauncher()
-    store = ResultStore(root)
+    store = ResultStore(root, {config.dataset: datasets.fingerprint(config.dataset)})
+    reused = 0
     provenance = _provenance()
     first_seed, other_seeds = config.seeds[0], config.seeds[1:]
     without_distilled = tuple(m for m in config.methods if m != "distilled")
@@ -152,7 +168,9 @@ def run_sweep(config: SweepConfig, root: str | os.PathLike, launcher: Launcher |
         return out
 
     def run(specs: list[RunSpec], label: str) -> None:
+        nonlocal reused
         jobs = jobs_for(specs)
+        reused += len(specs) - len(jobs)
         bar = _progress(len(jobs), label) if progress else None
         for (spec, _, _), result in launcher.run(execute, jobs):
             store.write(spec, {**result, "provenance": provenance})
@@ -175,6 +193,8 @@ def run_sweep(config: SweepConfig, root: str | os.PathLike, launcher: Launcher |
                 lr = select_lr(store, config, m, a, o, first_seed)
                 seeded += [config.spec(m, a, o, lr, s) for s in other_seeds]
     run(seeded, "seeds at the selected lr")
+    if progress and reused:
+        print(f"reused {reused} finished run{'s' if reused != 1 else ''} from {root}")
     return store
 
 

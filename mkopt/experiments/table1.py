@@ -11,21 +11,24 @@ process gathers the results as jobs finish, and a resubmitted sweep skips the fi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
 
 from .. import launch
-from .launcher import Launcher
+from . import datasets
+from ..launch.base import Launcher
 from .methods import LR_BASE, LR_GRID, METHODS
 from .report import plot_curves, table
-from .sweep import SweepConfig, run_sweep
+from .sweep import SweepConfig, load_dataset, run_sweep
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--full", action="store_true", help="the paper's full grid (A1-A3, 10 lrs, 3 seeds)")
     parser.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist | cifar10 | npz:PATH")
-    parser.add_argument("--runs", type=Path, default=None, help="result store (default runs/table1-<quick|full>)")
+    parser.add_argument("--runs", type=Path, default=None,
+                        help="result store (default runs/table1-<quick|full>, runs/table1-<quick|full>-<data> for other data)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="table + figures (default: same as --runs)")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="local worker processes, each with cpus/workers threads (default: 2)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -34,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr-steps", nargs=2, type=int, default=None, metavar=("LO", "HI"),
                         help="with --full: lr grid base * 1.5^i for i in [LO, HI] (paper: -4 5); finished runs are reused")
     parser.add_argument("--mk-init", default="replicate", choices=["replicate", "independent"], help="init of the MK copies (ablation)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override any SweepConfig setting the flags build, typed and checked by mkopt.config "
+                             "(e.g. --set seeds=[0,1,2] base_epochs=3 lrs.adam=[1e-3,2e-3])")  # fmt: skip
     launch.add_launcher_arguments(parser)  # --launcher inline|pool|local|slurm --profile --job-dir --cluster
 
 
@@ -69,9 +75,26 @@ def config_for(args: argparse.Namespace) -> SweepConfig:
     )  # fmt: skip
 
 
+def with_overrides(config: SweepConfig, overrides: list[str]) -> SweepConfig:
+    """``config`` with ``key=value`` overrides through mkopt's one config system (typed; unknown keys refused).
+
+    Example:
+        >>> base = SweepConfig(dataset="synthetic")
+        >>> with_overrides(base, ["seeds=[0]", "lrs.adam=[1e-3]"]).seeds, with_overrides(base, ["lrs.adam=[1e-3]"]).lrs["adam"]
+        ((0,), [0.001])
+    """
+    if not overrides:
+        return config
+    from ..config import load_config
+
+    values = dataclasses.asdict(config)
+    return load_config(SweepConfig, None, list(overrides), values=values, source="flags")
+
+
 def run(args: argparse.Namespace) -> int:
-    config = config_for(args)
-    runs = args.runs or Path("runs") / f"table1-{'full' if args.full else 'quick'}"
+    config = with_overrides(config_for(args), args.set)
+    load_dataset(config.dataset)  # missing or malformed data: one clear error here, before any job starts
+    runs = args.runs or datasets.default_runs_folder(config.dataset, args.full)
     out = args.out or runs
     launcher = make_launcher(args)
     if isinstance(launcher, launch.SubmititLauncher):

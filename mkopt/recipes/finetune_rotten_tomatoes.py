@@ -1,7 +1,7 @@
 """BASELINE vs MK(e=3) vs Adv-MK fine-tuning of pretrained MiniLM-L6 on Rotten-Tomatoes, plus model soups.
 
 Usage (the YAML header has the full command):
-    python recipes/finetune_rotten_tomatoes.py --config recipes/configs/finetune_rotten_tomatoes.yaml [key=value ...]
+    python mkopt/recipes/finetune_rotten_tomatoes.py --config mkopt/recipes/configs/finetune_rotten_tomatoes.yaml [key=value ...]
 
 Every (method, seed) run writes ``<out>/runs/<method>-s<seed>.json`` atomically; a rerun skips
 finished runs. When all baseline seeds are done their weights make a uniform and a greedy soup
@@ -16,37 +16,55 @@ import json
 import os
 import statistics
 import sys
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Optional
 
 import torch
-import yaml
 from tqdm import tqdm
 
 from mkopt.experiments.finetune import (
     METHODS, FinetuneConfig, accuracy_and_loss, encode, finetune, result_dict, result_path,
 )
 from mkopt.checkpoint import atomic_write
-from mkopt.experiments.recipe_config import parse_overrides
-from mkopt.experiments.runs import commit_of_tree, write_json_atomic
+from mkopt import config as mkopt_config
+from mkopt.experiments.runs import write_json_atomic
+from mkopt.provenance import commit_of_tree
 from mkopt.experiments.text import group_split, load_rotten_tomatoes
 from mkopt.soups import greedy_soup, uniform_soup
 
 
+@dataclass
+class RecipeConfig:
+    """The YAML keys (mkopt/recipes/configs/finetune_rotten_tomatoes.yaml); types checked on loading."""
+
+    model_path: Optional[str] = None
+    data_path: Optional[str] = None
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    max_length: int = 64
+    batch: int = 32
+    steps: int = 300
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup: float = 0.1
+    eval_every: int = 30
+    eval_batch: int = 128
+    e: int = 3
+    split_seed: int = 0
+    threads: int = 2
+    out: str = "results/finetune_rotten_tomatoes"
+    weights_cache: str = "runs/finetune_rotten_tomatoes_weights"
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.methods) - set(METHODS))
+        if unknown:
+            raise ValueError(f"methods: unknown {unknown}; choose from {list(METHODS)}")
+
+
 def load_config(path: str, overrides: list[str]) -> dict:
-    config = yaml.safe_load(Path(path).read_text())
-    try:
-        parsed = parse_overrides(overrides)
-    except ValueError as error:
-        raise SystemExit(str(error)) from error
-    unknown_keys = set(parsed) - set(config)
-    if unknown_keys:
-        raise SystemExit(f"unknown keys {sorted(unknown_keys)}; the config has {sorted(config)}")
-    config.update(parsed)
-    unknown = set(config.get("methods", ())) - set(METHODS)
-    if unknown:
-        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
-    return config
+    """The YAML config with ``key=value`` overrides, checked by mkopt's one config system, as a dict."""
+    return asdict(mkopt_config.load_config(RecipeConfig, path, overrides))
 
 
 def default_model_path() -> str:
@@ -131,7 +149,7 @@ def make_soups(config: dict, out: Path, make_model, val, test, ft: FinetuneConfi
         return
     if "baseline" not in config["methods"] or not all(p.is_file() for p in cached) or len(cached) < 2:
         return
-    ingredients = [torch.load(p, map_location="cpu") for p in cached]
+    ingredients = [torch.load(p, map_location="cpu", weights_only=True) for p in cached]
     model = make_model()
 
     def score(sd, data=val) -> float:
@@ -230,4 +248,6 @@ def plot_curves(runs: list[dict], config: dict, out: Path) -> Path | None:
 
 
 if __name__ == "__main__":
-    main()
+    from mkopt.errors import exit_on_user_error
+
+    sys.exit(exit_on_user_error(main, "finetune_rotten_tomatoes.py"))

@@ -1,11 +1,11 @@
 """ResNet-50 on ImageNet (paper section 5.2, Table 2): BASELINE, BASELINE-LONG, MK, Adv-MK, ENSEMBLE, DISTILLED.
 
 Usage (each YAML header has its full launch command):
-    python recipes/resnet50_imagenet.py --config recipes/configs/resnet50_imagenet/mk.yaml data.root=/data/imagenet out=/ckpt/mk
-    torchrun --nproc_per_node=8 recipes/resnet50_imagenet.py --config ... [key=value ...]
+    python mkopt/recipes/resnet50_imagenet.py --config mkopt/recipes/configs/resnet50_imagenet/mk.yaml data.root=/data/imagenet out=/ckpt/mk
+    torchrun --nproc_per_node=8 mkopt/recipes/resnet50_imagenet.py --config ... [key=value ...]
 
 Overrides are dotted ``key=value`` pairs (values parsed as YAML: ``schedule.milestones=[30,60]``).
-On SLURM, submit ``mkopt.job.RecipeJob("recipes/resnet50_imagenet.py", config)`` (what ``main`` runs
+On SLURM, submit ``mkopt.job.RecipeJob("mkopt/recipes/resnet50_imagenet.py", config)`` (what ``main`` runs
 in-process): ranks come from submitit, a preemption signal checkpoints at the next step boundary
 and requeues, and the requeued job resumes from ``<out>/checkpoints`` with the same data order.
 
@@ -18,6 +18,7 @@ with ``strict=True``; for MK the mean of the copies, via ``mkopt.deploy``) and `
 from __future__ import annotations
 
 import argparse
+import sys
 import contextlib
 import copy
 import csv
@@ -27,8 +28,9 @@ import math
 import os
 import time
 import warnings
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -45,8 +47,9 @@ from mkopt.checkpoint import CheckpointStore, atomic_save, atomic_write, capture
 from mkopt.distributed import (
     DistributedContext, average_probability_grads, cleanup, setup_distributed, unwrap, wrap_model,
 )  # fmt: skip
-from mkopt.experiments.methods import distillation_loss
-from mkopt.experiments.recipe_config import parse_overrides
+from mkopt.losses import distillation_loss
+from mkopt import config as mkopt_config
+from mkopt.errors import ConfigError
 from mkopt.job import PreemptionGuard, RecipeJob, preemption_signal
 from mkopt.resumable import EpochBatches, SeededSamples, shard
 
@@ -59,39 +62,128 @@ RUNTIME_KEYS = ("out", "data.root", "data.workers", "data.eval_batch", "device",
 
 
 # -- configuration ---------------------------------------------------------------------------------
+# The schema of the YAML configs (mkopt's one config system: typed, nested, unknown keys refused).
+@dataclass
+class DataConfig:
+    root: Optional[str] = None
+    train_dir: str = "train"
+    val_dir: str = "val"
+    image_size: int = 224
+    eval_resize: int = 256
+    eval_batch: int = 256
+    workers: int = 8
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet50"
+    num_classes: int = 1000
+    width_per_group: int = 64
+    channels_last: bool = True
+    sync_bn: bool = False
+
+
+@dataclass
+class OptimConfig:
+    batch_size: int = 256
+    lr_per_256: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: int = 90
+    milestones: list[int] = field(default_factory=lambda: [30, 60, 80])
+    gamma: float = 0.1
+
+
+@dataclass
+class MKConfig:
+    e: int = 3
+    probabilities: str = "dirichlet"
+    init: str = "replicate"
+    lr_compensation: bool = True
+    adversarial_eps: float = 100.0
+    sampler_compile: Optional[bool] = None
+
+
+@dataclass
+class DistillConfig:
+    teachers: list[str] = field(default_factory=list)
+    temperature: float = 4.0
+    alpha: float = 0.9
+
+
+@dataclass
+class EnsembleConfig:
+    members: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CheckpointConfig:
+    every_minutes: float = 30.0
+    keep: int = 2
+
+
+@dataclass
+class LogConfig:
+    progress: bool = True
+    progress_interval: float = 10.0
+    postfix_every: int = 50
+    tensorboard: bool = False
+
+
+@dataclass
+class DebugConfig:
+    signal_at_step: Optional[int] = None
+
+
+@dataclass
+class ResNet50Config:
+    method: str = "mk"
+    seed: int = 0
+    out: Optional[str] = None
+    device: str = "auto"
+    amp: Union[str, bool] = "auto"  # YAML 1.1 reads a bare `off` as false: validate() maps it back
+    amp_init_scale: float = 65536.0
+    deterministic: bool = False
+    eval_every: int = 1
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    mk: MKConfig = field(default_factory=MKConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+
 def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> dict[str, Any]:
-    """The YAML config with dotted ``key=value`` overrides applied; paths made absolute; validated."""
-    config = yaml.safe_load(Path(path).read_text())
-    try:
-        parsed = parse_overrides(overrides)  # mkopt's one override parser: YAML values, 1e-1 is a float
-    except ValueError as error:
-        raise SystemExit(f"{error}; overrides are dotted keys, e.g. optim.batch_size=512") from None
-    for key, value in parsed.items():
-        parts = key.split(".")
-        target = config
-        for part in parts[:-1]:
-            if not isinstance(target.get(part), dict):
-                raise SystemExit(f"unknown key {key!r}: {part!r} is not a section; sections: {_sections(config)}")
-            target = target[part]
-        if parts[-1] not in target:
-            raise SystemExit(f"unknown key {key!r}; keys here: {sorted(target)}")
-        target[parts[-1]] = value
+    """The YAML config with dotted ``key=value`` overrides applied (types checked against
+    :class:`ResNet50Config` by :func:`mkopt.config.load_config`), paths made absolute, values validated.
+
+    Returns a plain nested dict (what checkpoints record and :class:`mkopt.job.RecipeJob` pickles).
+    """
+    config = asdict(mkopt_config.load_config(ResNet50Config, path, overrides))
     if config.get("out"):
         config["out"] = str(Path(config["out"]).expanduser().resolve())
     if config["data"].get("root"):
         config["data"]["root"] = str(Path(config["data"]["root"]).expanduser().resolve())
     for section, key in (("ensemble", "members"), ("distill", "teachers")):
         config[section][key] = [str(Path(p).expanduser().resolve()) for p in config[section][key]]
-    validate(config)
+    try:
+        validate(config)
+    except ValueError as error:
+        raise ConfigError(f"{path}: {error}") from None
     return config
 
 
-def _sections(config: dict) -> list[str]:
-    return sorted(k for k, v in config.items() if isinstance(v, dict))
-
-
 def validate(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Check a config's values; raises ``ValueError`` naming the key and what to do."""
+    """Check a config's values (types are checked on loading); raises ``ValueError`` naming the key and what to do."""
 
     def need(condition: bool, message: str) -> None:
         if not condition:
@@ -103,8 +195,7 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
     need(bool(cfg.get("out")) and Path(cfg["out"]).is_absolute(), f"out={cfg.get('out')!r} must be an absolute path (the run's folder)")
     need(cfg["amp"] in AMP_MODES, f"amp={cfg['amp']!r}: choose one of {AMP_MODES}")
     need(cfg["model"]["arch"] == "resnet50", f"model.arch={cfg['model']['arch']!r}: this recipe trains torchvision's resnet50")
-    # Numeric keys are type-checked here, naming the key: a value that is not a number (a typo, a
-    # string from a config file) would otherwise fail deep inside torch with no hint which key it was.
+    # Numeric keys are also checked here (a config built in Python skips the loader's type checks).
     optim, schedule = cfg["optim"], cfg["schedule"]
     batch = optim["batch_size"]
     need(_is_int(batch) and batch > 0, f"optim.batch_size={batch!r} must be a positive int (the global batch)")
@@ -526,11 +617,13 @@ def run(config: dict[str, Any], job: RecipeJob | None = None) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="recipes/configs/resnet50_imagenet/<variant>.yaml")
+    parser.add_argument("--config", required=True, help="mkopt/recipes/configs/resnet50_imagenet/<variant>.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted key=value pairs, e.g. optim.batch_size=512 data.workers=16")
     args = parser.parse_args(argv)
     return RecipeJob(__file__, load_config(args.config, args.overrides))()
 
 
 if __name__ == "__main__":
-    main()
+    from mkopt.errors import exit_on_user_error
+
+    sys.exit(exit_on_user_error(main, "resnet50_imagenet.py"))
