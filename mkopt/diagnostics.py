@@ -8,7 +8,6 @@ from typing import Protocol
 import torch
 
 
-
 class Diagnosable(Protocol):
     """What the statistics read from an optimizer (:class:`mkopt.MKOptimizer` or an ``mkopt.optim`` one);
     typed by shape, so this module does not import the optimizers that import it."""

@@ -408,7 +408,8 @@ class MKOptimizer(torch.optim.Optimizer):
             >>> import torch, mkopt
             >>> model = torch.nn.Linear(4, 2)
             >>> opt = mkopt.MKOptimizer(torch.optim.SGD, model, e=3, lr=0.1)
-            >>> opt.eval(); torch.equal(model.weight, mkopt.mean_of_copies(model.parametrizations.weight.original))
+            >>> from mkopt.parametrization import mean_of_copies
+            >>> opt.eval(); torch.equal(model.weight, mean_of_copies(model.parametrizations.weight.original))
             True
             >>> opt.train()
         """
