@@ -69,3 +69,18 @@ def copy_spread(opt: Diagnosable, collapse_threshold: float = 1e-4) -> dict[str,
             stacklevel=3,
         )
     return stats
+
+
+def loggable(opt: Diagnosable, prefix: str = "mk/", per_tensor: bool = False) -> dict[str, float]:
+    """``opt.diagnostics()`` as the flat ``{name: float}`` a logger takes, names under ``prefix``; per-tensor
+    spreads only with ``per_tensor=True`` (one per kernel is a lot of curves). What every integration logs:
+    the Hugging Face and Lightning callbacks and the recipes' TensorBoard rows.
+
+    Example:
+        >>> import torch, mkopt
+        >>> opt = mkopt.optim.SGD(torch.nn.Linear(3, 3).parameters(), lr=0.1, e=2)
+        >>> sorted(loggable(opt))
+        ['mk/collapsed', 'mk/nonfinite', 'mk/spread']
+    """
+    return {prefix + key: value for key, value in opt.diagnostics().items() if per_tensor or "/" not in key}
+

@@ -80,6 +80,7 @@ from typing import Any
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .diagnostics import loggable
 from .expand import expansion_of, is_expanded
 from .optim import MKParamOptimizer
 from .optimizer import MKOptimizer
@@ -245,7 +246,7 @@ class MKTrainerCallback(TrainerCallback):
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if self._optimizer is None or logs is None or "loss" not in logs:  # training logs only
             return
-        stats = {f"mk/{k}": v for k, v in self._optimizer.diagnostics().items() if self.log_per_tensor or "/" not in k}
+        stats = loggable(self._optimizer, per_tensor=self.log_per_tensor)
         logs.update(stats)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(stats)

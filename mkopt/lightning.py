@@ -37,6 +37,7 @@ except ImportError:  # pragma: no cover - the older package name
     except ImportError as error:
         raise ImportError("mkopt.lightning needs Lightning 2.x: pip install lightning") from error
 
+from .diagnostics import loggable
 from .optim import MKParamOptimizer
 from .optimizer import MKOptimizer
 
@@ -91,7 +92,7 @@ class MKCallback(pl.Callback):
             return
         for index, optimizer in enumerate(mk_optimizers(trainer)):
             prefix = "mk/" if index == 0 else f"mk{index}/"
-            stats = {prefix + k: v for k, v in optimizer.diagnostics().items() if self.per_tensor or "/" not in k}
+            stats = loggable(optimizer, prefix=prefix, per_tensor=self.per_tensor)
             pl_module.log_dict(stats, on_step=True, on_epoch=False, sync_dist=False)
 
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
