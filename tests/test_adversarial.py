@@ -207,7 +207,7 @@ def test_diagnostics_spread_entropy_and_collapse_warning():
     F.cross_entropy(model(x), y).backward()
     opt.step()
     stats = opt.diagnostics()
-    assert set(stats) == {"spread/0.weight", "spread/2.weight", "spread", "p_entropy", "collapsed"}
+    assert set(stats) == {"spread/0.weight", "spread/2.weight", "spread", "p_entropy", "collapsed", "nonfinite"}
     assert all(isinstance(v, float) for v in stats.values())
     assert stats["spread"] > 0.1 and 0 < stats["p_entropy"] <= 1 and stats["collapsed"] == 0.0
     stacked = model[0].parametrizations.weight.original

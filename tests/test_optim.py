@@ -395,3 +395,19 @@ def test_p_and_the_state_follow_a_move_after_building(form, path):
     states = [v for s in opt.state_dict()["state"].values() for v in s.values() if v.dim() > 0]
     assert states and all(v.dtype == torch.float64 for v in states)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("path", ["fused", "generic"])
+def test_a_scheduler_drives_both_paths(path):
+    """Schedulers edit the user-facing groups; the generic path's inner optimizer follows every step."""
+    model = net(torch.float64)
+    opt = mkopt.optim.SGD(model.parameters(), lr=0.1, momentum=0.0, e=3, path=path)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 if step == 0 else 0.0)
+    train(model, opt, batches(1, torch.float64))
+    sched.step()
+    assert opt.param_groups[0]["lr"] == 0.0
+    frozen = [c.clone() for _, c in opt.named_copies()] + [model[0].bias.detach().clone()]
+    train(model, opt, batches(2, torch.float64))
+    for before, (_, after) in zip(frozen, opt.named_copies()):
+        assert torch.equal(before, after)
+    assert torch.equal(frozen[-1], model[0].bias)
