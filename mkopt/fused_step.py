@@ -246,9 +246,19 @@ class FusedUpdate:
             kernel.probe = None
         self.phase = "probe"
 
+    @property
+    def on_device(self) -> bool:
+        """Whether the kernels run in Triton (CUDA): the step then keeps every value on the device."""
+        return bool(self.kernels) and mk_triton.handles(self.kernels[0].copies.device)
+
     @torch.no_grad()
-    def ascend(self, ascent_step: float) -> None:
-        """B.1 / B.2 from the probe's ``dL/dW`` (the proxies' ``.grad``): write ``W_adv`` and its ``s``."""
+    def ascend(self, ascent_step: float, ascent_factor: torch.Tensor | None = None) -> None:
+        """B.1 / B.2 from the probe's ``dL/dW`` (the proxies' ``.grad``): write ``W_adv`` and its ``s``.
+
+        The ascent step is ``ascent_step``, times ``ascent_factor`` (a 0-dim device tensor: the inverse
+        loss scale and the probe's finite flag, never read by the host) on the GPU path."""
+        if ascent_factor is not None and not self.on_device:
+            raise ValueError("ascent_factor is the GPU path's device-side step factor: pass the whole step as ascent_step here")
         self.ascent_step = ascent_step
         for kernel in self.kernels:
             probe = kernel.proxy.grad.to(kernel.proxy.dtype).contiguous()
@@ -257,7 +267,7 @@ class FusedUpdate:
             if self.randomize and kernel.mixing is None:
                 kernel.mixing = torch.empty(kernel.proxy.numel(), dtype=kernel.slot.key.dtype, device=kernel.proxy.device)
             if mk_triton.handles(kernel.copies.device):
-                self.ascent_tensor = mk_triton.step.device_one(kernel.copies.device)
+                self.ascent_tensor = ascent_factor if ascent_factor is not None else mk_triton.step.device_one(kernel.copies.device)
                 _write_contiguous(kernel.proxy, lambda out: mk_triton.step.ascend(self, kernel, probe, out, self.ascent_tensor, ascent_step))
                 kernel.probe = probe
                 kernel.slot.adversarial_p = lambda kernel=kernel: mk_triton.step.adversarial_probabilities(

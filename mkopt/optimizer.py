@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from . import adversarial, native
+from . import triton as mk_triton
 from .deploy import collapse
 from .diagnostics import copy_spread
 from .expand import Expansion, Init, expand
@@ -278,6 +279,14 @@ class MKOptimizer(torch.optim.Optimizer):
                 "no gradient reached p: run the probe forward/backward in training mode between opt.zero_grad() "
                 "and opt.ascend_probabilities()"
             )
+        if self._fused is not None and self._fused.on_device:
+            # GPU path: the finite check and the loss scale stay on the device; the entropy estimate is the one read
+            self._fused.ascend(self.adversarial_eps, mk_triton.step.ascent_factor(grads, scaler))
+            self.last_p_entropy = self._fused.estimated_entropy()
+            self.optimizer.zero_grad(set_to_none=True)
+            self._p_uniform = False
+            self._phase = "descent"
+            return
         inverse_scale = 1.0
         if scaler is not None and scaler.is_enabled():
             inverse_scale = 1.0 / float(scaler.get_scale())

@@ -228,8 +228,9 @@ class DirichletSampler:
             self._materialize()
         for stream, key in enumerate(self._sizes):
             seed = self.seeds[key] = step_seed(self.seed, step, stream)
-            # a new tensor each step: a graph built at step t keeps step t's key for its backward
-            self.keys[key] = torch.tensor(seed, dtype=torch.int64, device=key.device)
+            # a new tensor each step: a graph built at step t keeps step t's key for its backward. torch.full, not
+            # torch.tensor: on CUDA a fill kernel with the value as its argument, not a synchronizing host copy
+            self.keys[key] = torch.full((), seed, dtype=torch.int64, device=key.device)
             if fill and not self.regenerate:
                 counter_dirichlet_(self.buffers[key], self.keys[key], compiled=self.compiled)
         self._drawn(step)

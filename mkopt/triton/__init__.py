@@ -67,7 +67,7 @@ def run_on_cpu() -> Iterator[None]:
 
 
 if available():  # the submodules import triton
-    from . import launch, step  # noqa: E402
+    from . import launch, ops, step  # noqa: E402
     from .kernels import MAX_E  # noqa: E402
     from .launch import STORAGE_DTYPES  # noqa: E402
 else:

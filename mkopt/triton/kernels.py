@@ -74,6 +74,20 @@ def _f64(x):
 
 
 @triton.jit
+def _cast(x, T: tl.constexpr):
+    """``x`` in storage type ``T``, rounded to nearest even. bfloat16 by hand, as mk_cpu.cpp's ``Io<bf16>``:
+    compiled kernels round so too, but the interpreter truncates, and the tests compare bits."""
+    if T == tl.bfloat16 and x.dtype == tl.float32:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        nan = (bits & 0x7FFFFFFF) > 0x7F800000
+        out = tl.where(nan, (bits >> 16) | 0x40, rounded).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        out = x.to(T)
+    return out
+
+
+@triton.jit
 def _div(a, b):
     """IEEE division (float32 ``/`` is approximate on GPUs; float64 ``/`` is already correctly rounded)."""
     if a.dtype == tl.float64:
@@ -206,7 +220,7 @@ def _adversarial(copies_ptr, probe_ptr, weight_ptr, idx, mask, n, key, cols, asc
             u = _div(_total(terms) + log_e, log_e)
             u = tl.minimum(tl.maximum(u, 0.0), 1.0)
             if WEIGHT_OUT:
-                tl.store(weight_ptr + idx, u.to(weight_ptr.dtype.element_ty), mask=mask)
+                tl.store(weight_ptr + idx, _cast(u, weight_ptr.dtype.element_ty), mask=mask)
         mixed = ()
         for k in tl.static_range(E):
             mixed = mixed + (u * p[k] + (1.0 - u) * drawn[k],)
@@ -217,7 +231,7 @@ def _adversarial(copies_ptr, probe_ptr, weight_ptr, idx, mask, n, key, cols, asc
 @triton.jit
 def _store_rows(out_ptr, p, idx, mask, n):
     for k in tl.static_range(len(p)):
-        tl.store(out_ptr + k * n + idx, p[k].to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + k * n + idx, _cast(p[k], out_ptr.dtype.element_ty), mask=mask)
 
 
 # -- kernels -------------------------------------------------------------------------------------
@@ -239,7 +253,7 @@ def mix_kernel(copies_ptr, out_ptr, key_ptr, n: tl.int64, offset: tl.int64, E: t
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n
     p = _probabilities(_key(tl.load(key_ptr)), (idx + offset).to(tl.uint64), E, BLOCK, DOUBLE, UNIFORM)
-    tl.store(out_ptr + idx, _mix_rows(copies_ptr, p, idx, mask, n, P).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + idx, _cast(_mix_rows(copies_ptr, p, idx, mask, n, P), out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -253,9 +267,9 @@ def spread_kernel(grad_ptr, out_ptr, key_ptr, n: tl.int64, offset: tl.int64, sca
     p = _probabilities(_key(tl.load(key_ptr)), (idx + offset).to(tl.uint64), E, BLOCK, DOUBLE, False)
     grad = tl.load(grad_ptr + idx, mask=mask, other=0.0).to(P)
     for k in tl.static_range(E):
-        value = (p[k] * grad).to(T)  # rounded to the gradient's dtype, then scaled (as mkopt.fused._spread)
+        value = _cast(p[k] * grad, T)  # rounded to the gradient's dtype, then scaled (as mkopt.fused._spread)
         if SCALED:
-            value = (value.to(P) * _f64(scale).to(P)).to(T)
+            value = _cast(value.to(P) * _f64(scale).to(P), T)
         tl.store(out_ptr + k * n + idx, value, mask=mask)
 
 
@@ -268,7 +282,7 @@ def scale_grad_kernel(grad_ptr, out_ptr, key_ptr, n: tl.int64, offset: tl.int64,
     mask = idx < n
     p = _probabilities(_key(tl.load(key_ptr)), (idx + offset).to(tl.uint64), E, BLOCK, DOUBLE, UNIFORM)
     grad = tl.load(grad_ptr + idx, mask=mask, other=0.0).to(P)
-    tl.store(out_ptr + idx, (_norm(p) * grad).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + idx, _cast(_norm(p) * grad, out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -285,8 +299,8 @@ def ascend_kernel(copies_ptr, probe_ptr, w_ptr, norm_ptr, weight_ptr, ascent_ptr
     step = tl.load(ascent_ptr).to(tl.float64) * _f64(ascent_scale)
     p = _adversarial(copies_ptr, probe_ptr, weight_ptr, idx, mask, n, _key(key_now), (idx + offset).to(tl.uint64), step,
                      E, BLOCK, DOUBLE, RANDOMIZE, False, WEIGHT_OUT)
-    tl.store(w_ptr + idx, _mix_rows(copies_ptr, p, idx, mask, n, P).to(w_ptr.dtype.element_ty), mask=mask)
-    tl.store(norm_ptr + idx, _norm(p).to(norm_ptr.dtype.element_ty), mask=mask)
+    tl.store(w_ptr + idx, _cast(_mix_rows(copies_ptr, p, idx, mask, n, P), w_ptr.dtype.element_ty), mask=mask)
+    tl.store(norm_ptr + idx, _cast(_norm(p), norm_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -361,15 +375,15 @@ def fused_update_kernel(
                 if DECAY == 1:
                     g = g + wd * weight
                 m_old = tl.load(buf_ptr + row, mask=mask, other=0.0).to(P)
-                m_new = (m_old + one_minus_beta1 * (g - m_old)).to(T).to(P)  # torch's lerp; stored precision
-                tl.store(buf_ptr + row, m_new.to(T), mask=mask)
-                second = (beta2_p * tl.load(sq_ptr + row, mask=mask, other=0.0).to(P) + one_minus_beta2 * g * g).to(T).to(P)
-                tl.store(sq_ptr + row, second.to(T), mask=mask)
+                m_new = _cast(m_old + one_minus_beta1 * (g - m_old), T).to(P)  # torch's lerp; stored precision
+                tl.store(buf_ptr + row, _cast(m_new, T), mask=mask)
+                second = _cast(beta2_p * tl.load(sq_ptr + row, mask=mask, other=0.0).to(P) + one_minus_beta2 * g * g, T).to(P)
+                tl.store(sq_ptr + row, _cast(second, T), mask=mask)
                 if AMSGRAD:
                     second = tl.maximum(tl.load(max_sq_ptr + row, mask=mask, other=0.0).to(P), second)
-                    tl.store(max_sq_ptr + row, second.to(T), mask=mask)
+                    tl.store(max_sq_ptr + row, _cast(second, T), mask=mask)
                 denom = _sqrt(second) * inv_bias2_sqrt + eps_p
-                tl.store(copies_ptr + row, (weight - _div(step_size * m_new, denom)).to(T), mask=mask)
+                tl.store(copies_ptr + row, _cast(weight - _div(step_size * m_new, denom), T), mask=mask)
         else:
             lr_p = lr.to(P)
             mom = _f64(momentum).to(P)
@@ -382,14 +396,14 @@ def fused_update_kernel(
                     g = g + wd * weight
                 if HAS_MOMENTUM:
                     if FIRST_MOMENTUM:
-                        buf = g.to(T).to(P)
+                        buf = _cast(g, T).to(P)
                     else:
-                        buf = (mom * tl.load(buf_ptr + row, mask=mask, other=0.0).to(P) + keep * g).to(T).to(P)
-                    tl.store(buf_ptr + row, buf.to(T), mask=mask)
+                        buf = _cast(mom * tl.load(buf_ptr + row, mask=mask, other=0.0).to(P) + keep * g, T).to(P)
+                    tl.store(buf_ptr + row, _cast(buf, T), mask=mask)
                     if NESTEROV:
                         g = g + mom * buf
                     else:
                         g = buf
-                tl.store(copies_ptr + row, (weight - lr_p * g).to(T), mask=mask)
+                tl.store(copies_ptr + row, _cast(weight - lr_p * g, T), mask=mask)
     p_next = _probabilities(_key(key_next), cols, E, BLOCK, DOUBLE, UNIFORM or UNIFORM_NEXT)
-    tl.store(w_ptr + idx, _mix_rows(copies_ptr, p_next, idx, mask, n, P).to(w_ptr.dtype.element_ty), mask=mask)
+    tl.store(w_ptr + idx, _cast(_mix_rows(copies_ptr, p_next, idx, mask, n, P), w_ptr.dtype.element_ty), mask=mask)

@@ -38,6 +38,22 @@ def device_one(device: torch.device) -> torch.Tensor:
     return _ones[device]
 
 
+def ascent_factor(grads: list[torch.Tensor], scaler: torch.amp.GradScaler | None) -> torch.Tensor:
+    """The adversarial ascent's device factor: ``1 / loss scale`` if every probe gradient is finite, else 0.
+
+    One reduction (the sum is finite iff every entry is; an overflowing sum only skips the ascent, the
+    safe side), kept on the device, as is the scaler's scale: the host reads neither.
+    """
+    device = grads[0].device
+    total = torch.stack([g.sum().to(device) for g in grads]).sum()
+    factor = torch.isfinite(total).to(torch.float32)
+    if scaler is not None and scaler.is_enabled():
+        scale = scaler._get_scale_async()  # the scale tensor itself (get_scale() would read it to the host)
+        if scale is not None:
+            factor = factor / scale.to(device=device, dtype=torch.float32)
+    return factor
+
+
 def write_weight(kernel: FusedKernel, out: torch.Tensor, key: torch.Tensor, uniform: bool) -> None:
     """``out = sum_k p_k W~_k`` with ``p`` of the stream ``key`` (a 0-dim device tensor)."""
     launch.mix(kernel.copies, key, kernel.slot.offset, kernel.slot.key.dtype, uniform=uniform, out=out)
