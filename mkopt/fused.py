@@ -73,8 +73,9 @@ class _MixRegenerated(torch.autograd.Function):
 
 
 def on_triton(tensor: torch.Tensor) -> bool:
-    """Whether the regenerated mix of ``tensor``'s copies runs in Triton (CUDA tensors, Triton importable)."""
-    return tensor.device.type == "cuda" and mk_triton.available()
+    """Whether the regenerated mix of ``tensor``'s copies runs in Triton: CUDA tensors (or CPU ones inside
+    :func:`mkopt.triton.run_on_cpu`), Triton importable."""
+    return mk_triton.handles(tensor.device)
 
 
 def mix_regenerated(stacked: torch.Tensor, key: torch.Tensor, offset: torch.Tensor, constants: torch.Tensor,

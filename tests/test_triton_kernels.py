@@ -248,13 +248,13 @@ def make_model(dtype=torch.float64, bias=True):
     return nn.Sequential(nn.Linear(6, 12, bias=bias), nn.Tanh(), nn.Linear(12, 3, bias=bias)).to(dtype)
 
 
-def train(cls, kwargs, triton, *, e=3, dtype=torch.float64, steps=4, bias=True, **mk):
+def train(cls, kwargs, triton, *, e=3, dtype=torch.float64, steps=4, bias=True, path="fused", **mk):
     model = make_model(dtype, bias)
     kwargs = dict(kwargs)
     if kwargs.pop("tensor_lr", False):
         kwargs["lr"] = torch.tensor(kwargs["lr"])  # a fresh tensor per run: the scheduler writes into it
     with mk_triton.run_on_cpu() if triton else contextlib.nullcontext():
-        opt = mkopt.MKOptimizer(cls, model, e=e, path="fused", **mk, **kwargs)
+        opt = mkopt.MKOptimizer(cls, model, e=e, path=path, **mk, **kwargs)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
         g = torch.Generator().manual_seed(1)
         for _ in range(steps):
@@ -300,6 +300,19 @@ def test_triton_fused_path_trains_like_the_cpu_kernels(case):
     for state_t, state_n in zip(opt_t.state.values(), opt_n.state.values()):
         for name, value in state_t.items():
             torch.testing.assert_close(value.double(), state_n[name].double(), rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("case,mk", [("sgd-nesterov", dict(lr_compensation=True)), ("adamw", {})])
+def test_triton_generic_path_regenerates_p_and_trains_like_the_reference(case, mk):
+    """The generic path's GPU code (Triton mix and spread, no p buffer) against its eager torch kernels."""
+    cls, kwargs = OPTIMIZER_CASES[case]
+    model_t, opt_t = train(cls, kwargs, triton=True, path="generic", **mk)
+    assert opt_t.expansion.sampler.regenerate and not opt_t.expansion.sampler.buffers  # p never stored
+    model_r, opt_r = train(cls, kwargs, triton=False, path="generic", sampler_compile=False, **mk)
+    assert not opt_r.expansion.sampler.regenerate
+    assert_models_close(model_t, model_r, rtol=1e-6)
+    model_f, _ = train(cls, kwargs, triton=True, path="fused", **mk)
+    assert_models_close(model_f, model_t, rtol=1e-6)  # and the fused path's GPU code agrees with it
 
 
 @needs_native
@@ -442,3 +455,21 @@ def test_triton_kernels_compile_for_a_cuda_target():
         signature = {name: "constexpr" if name in constants else scalars.get(name, pointer) for name in fn.arg_names}
         compiled = triton.compile(triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constants), target=GPUTarget("cuda", 90, 32))
         assert "ptx" in compiled.asm
+
+
+def test_triton_missing_leaves_the_cpu_paths_working():
+    """Where Triton cannot be imported, mkopt imports, says why, and trains on the CPU kernels."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; sys.modules['triton'] = None\n"  # `import triton` now raises ImportError
+        "import torch, mkopt\nfrom mkopt import triton as mk_triton\n"
+        "assert not mk_triton.available() and 'triton cannot be imported' in mk_triton.unavailable_reason()\n"
+        "assert not mk_triton.handles(torch.device('cuda'))\n"
+        "model = torch.nn.Linear(4, 3)\nopt = mkopt.MKOptimizer(torch.optim.SGD, model, e=3, lr=0.1)\n"
+        "model(torch.randn(2, 4)).sum().backward(); opt.step(); print(opt.mk_step)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("1")

@@ -86,6 +86,20 @@ def _geometry(e: int, n: int, block: int | None) -> tuple[int, tuple[int]]:
     return block, (max(1, math.ceil(n / block)),)
 
 
+def _kernel(device: torch.device, name: str, grid: tuple[int]) -> Any:
+    """``name`` launched over ``grid`` on ``device``: Triton launches on the current CUDA device, so a tensor on
+    another GPU (several per process) is launched inside that device's context."""
+    kernel = getattr(kernels_for(device), name)[grid]
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return kernel
+
+    def launch_on_device(*args: Any, **kwargs: Any) -> Any:
+        with torch.cuda.device(device):
+            return kernel(*args, **kwargs)
+
+    return launch_on_device
+
+
 def _options(device: torch.device) -> dict[str, Any]:
     # no fused multiply-adds: the CPU kernels' -ffp-contract=off, so both write the same bits
     return {"enable_fp_fusion": False, "num_warps": 4} if device.type == "cuda" else {}
@@ -107,7 +121,7 @@ def probabilities(e: int, n: int, key: torch.Tensor, offset: int, dtype: torch.d
     """Columns ``offset .. offset + n`` of stream ``key`` (0-dim int64 tensor) as ``[e, n]`` (float32/64)."""
     block, grid = _geometry(e, n, block)
     out = torch.empty(e, n, dtype=dtype, device=key.device)
-    kernels_for(key.device).probabilities_kernel[grid](
+    _kernel(key.device, "probabilities_kernel", grid)(
         out, key, n, offset, E=e, BLOCK=block, DOUBLE=_p_double(dtype), UNIFORM=uniform, **_options(key.device))
     return out
 
@@ -121,7 +135,7 @@ def mix(copies: torch.Tensor, key: torch.Tensor, offset: int, p_dtype: torch.dty
         out = torch.empty(copies.shape[1:], dtype=copies.dtype, device=copies.device)
     _check(out, "out")
     block, grid = _geometry(e, n, block)
-    kernels_for(copies.device).mix_kernel[grid](
+    _kernel(copies.device, "mix_kernel", grid)(
         copies, out, key, n, offset, E=e, BLOCK=block, DOUBLE=_p_double(p_dtype), UNIFORM=uniform,
         **_options(copies.device))  # fmt: skip
     return out
@@ -134,7 +148,7 @@ def spread(grad: torch.Tensor, e: int, key: torch.Tensor, offset: int, p_dtype: 
     n = grad.numel()
     out = torch.empty((e, *grad.shape), dtype=grad.dtype, device=grad.device)
     block, grid = _geometry(e, n, block)
-    kernels_for(grad.device).spread_kernel[grid](
+    _kernel(grad.device, "spread_kernel", grid)(
         grad, out, key, n, offset, float(scale), E=e, BLOCK=block, DOUBLE=_p_double(p_dtype),
         SCALED=scale != 1.0, **_options(grad.device))  # fmt: skip
     return out
@@ -148,7 +162,7 @@ def scale_grad(grad: torch.Tensor, e: int, key: torch.Tensor, offset: int, unifo
     out = torch.empty_like(grad)
     block, grid = _geometry(e, n, block)
     double = _p_double(p_dtype or grad.dtype)
-    kernels_for(grad.device).scale_grad_kernel[grid](
+    _kernel(grad.device, "scale_grad_kernel", grid)(
         grad, out, key, n, offset, E=e, BLOCK=block, DOUBLE=double, UNIFORM=uniform, **_options(grad.device))
     return out
 
@@ -164,7 +178,7 @@ def ascend_(copies: torch.Tensor, probe: torch.Tensor, w: torch.Tensor, norm: to
         _check(tensor, what)
     e, n = copies.shape[0], w.numel()
     block, grid = _geometry(e, n, block)
-    kernels_for(copies.device).ascend_kernel[grid](
+    _kernel(copies.device, "ascend_kernel", grid)(
         copies, probe, w, norm, weight if weight is not None else norm, ascent, n, offset, key_now, float(ascent_scale),
         E=e, BLOCK=block, DOUBLE=_p_double(copies.dtype), RANDOMIZE=randomize, WEIGHT_OUT=weight is not None,
         **_options(copies.device))  # fmt: skip
@@ -177,7 +191,7 @@ def adversarial_probabilities(copies: torch.Tensor, probe: torch.Tensor, ascent:
     e, n = copies.shape[0], probe.numel()
     out = torch.empty(e, n, dtype=torch.float64 if _p_double(copies.dtype) else torch.float32, device=copies.device)
     block, grid = _geometry(e, n, block)
-    kernels_for(copies.device).adversarial_probabilities_kernel[grid](
+    _kernel(copies.device, "adversarial_probabilities_kernel", grid)(
         copies, probe.contiguous(), out, ascent, n, offset, key_now, float(ascent_scale), E=e, BLOCK=block,
         DOUBLE=_p_double(copies.dtype), RANDOMIZE=randomize, **_options(copies.device))  # fmt: skip
     return out
@@ -213,7 +227,7 @@ def fused_update_(
     lr_tensor = isinstance(lr, torch.Tensor)
     beta1, beta2 = (float(b) for b in betas)
     any_tensor = copies  # placeholder for unused pointers (never dereferenced: their constexpr branch is off)
-    kernels_for(device).fused_update_kernel[grid](
+    _kernel(device, "fused_update_kernel", grid)(
         copies, w, grad if has_grad else any_tensor,
         (exp_avg if adam else momentum_buffer) if (adam or has_momentum) else any_tensor,
         exp_avg_sq if adam and exp_avg_sq is not None else any_tensor,
