@@ -57,6 +57,16 @@ def test_triton_p_stream_above_16_copies_matches_to_rounding(e):
     torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-7)
 
 
+def test_triton_kernels_take_a_single_element_at_offset_one():
+    copies = torch.randn(3, 1)
+    key = torch.tensor(KEY)
+    p = counter_dirichlet_(torch.empty(3, 1), key=KEY, compiled=False, offset=1)
+    assert torch.equal(launch().mix(copies, key, 1, torch.float32), _mix(copies, key, torch.tensor(1), splitmix64_constants(), torch.float32))
+    w = torch.empty(1)
+    launch().fused_update_(copies, w, torch.ones(1), key_now=1, key_next=KEY, offset=1, lr=0.1, adam=False)
+    torch.testing.assert_close(w, (p * copies).sum(0))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("e", E_VALUES)
 def test_triton_mix_and_spread_are_bit_identical_to_the_generic_path(dtype, e):
@@ -435,7 +445,7 @@ def test_triton_kernels_compile_for_a_cuda_target():
 
     if "nvidia" not in triton.backends.backends:
         pytest.skip("Triton's NVIDIA backend is not installed")
-    scalars = {"n": "i64", "offset": "i64", "key_now": "i64", "key_next": "i64", "key_ptr": "*i64", "step_ptr": "*fp32"}
+    scalars = {"n": "i32", "offset": "i64", "key_now": "i64", "key_next": "i64", "key_ptr": "*i64", "step_ptr": "*fp32"}
     scalars |= {name: "fp64" for name in ("lr_value", "weight_decay", "momentum", "dampening", "beta1", "beta2", "eps",
                                           "log2_beta1", "log2_beta2", "ascent_scale", "scale")}  # fmt: skip
     common = dict(E=3, BLOCK=1024, DOUBLE=False)
@@ -445,6 +455,7 @@ def test_triton_kernels_compile_for_a_cuda_target():
         (kernels.fused_update_kernel, "*bf16", {**common, **update, "ADAM": False, "DECAY": 1, "AMSGRAD": False}),
         (kernels.fused_update_kernel, "*fp32", {**common, **update, "ADAM": True, "DECAY": 2, "AMSGRAD": True}),
         (kernels.mix_kernel, "*fp64", {**common, "DOUBLE": True, "UNIFORM": False}),
+        (kernels.mix_kernel, "*fp32", {**common, "UNIFORM": False, "n": 1, "offset": 1}),  # Triton makes an int 1 a constant
         (kernels.spread_kernel, "*fp16", {**common, "SCALED": True}),
         (kernels.scale_grad_kernel, "*fp32", {**common, "UNIFORM": False}),
         (kernels.probabilities_kernel, "*fp32", {**common, "E": 16, "UNIFORM": False}),

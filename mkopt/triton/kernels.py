@@ -41,8 +41,16 @@ def _splitmix64(counter, key):
 
 @triton.jit
 def _key(bits):
-    """A stream key passed as an int64 (value or loaded) as the uint64 the hash takes."""
-    return bits.to(tl.int64).to(tl.uint64, bitcast=True)
+    """A stream key (an int argument or a loaded int64) as the uint64 the hash takes."""
+    return _i64(bits).to(tl.uint64, bitcast=True)
+
+
+@triton.jit
+def _i64(x):
+    """An int argument as an int64 scalar. Int arguments are not annotated ``tl.int64``: Triton specializes the
+    value 1 as a constant, which an annotated parameter cannot take (its launcher asserts); this also widens
+    ``i32`` sizes, so ``k * n`` cannot overflow."""
+    return tl.full([], x, tl.int64)
 
 
 @triton.jit
@@ -236,9 +244,10 @@ def _store_rows(out_ptr, p, idx, mask, n):
 
 # -- kernels -------------------------------------------------------------------------------------
 @triton.jit
-def probabilities_kernel(out_ptr, key_ptr, n: tl.int64, offset: tl.int64, E: tl.constexpr, BLOCK: tl.constexpr,
+def probabilities_kernel(out_ptr, key_ptr, n, offset, E: tl.constexpr, BLOCK: tl.constexpr,
                          DOUBLE: tl.constexpr, UNIFORM: tl.constexpr):
     """``out[k, i] = p_k`` of stream column ``offset + i`` (``out``: ``[E, n]``)."""
+    n, offset = _i64(n), _i64(offset)
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n
     p = _probabilities(_key(tl.load(key_ptr)), (idx + offset).to(tl.uint64), E, BLOCK, DOUBLE, UNIFORM)
@@ -246,10 +255,11 @@ def probabilities_kernel(out_ptr, key_ptr, n: tl.int64, offset: tl.int64, E: tl.
 
 
 @triton.jit
-def mix_kernel(copies_ptr, out_ptr, key_ptr, n: tl.int64, offset: tl.int64, E: tl.constexpr, BLOCK: tl.constexpr,
+def mix_kernel(copies_ptr, out_ptr, key_ptr, n, offset, E: tl.constexpr, BLOCK: tl.constexpr,
                DOUBLE: tl.constexpr, UNIFORM: tl.constexpr):
     """``out = sum_k p_k * copies[k]`` (the generic path's forward, and the fused path's weight rewrite)."""
     P: tl.constexpr = tl.float64 if DOUBLE else tl.float32
+    n, offset = _i64(n), _i64(offset)
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n
     p = _probabilities(_key(tl.load(key_ptr)), (idx + offset).to(tl.uint64), E, BLOCK, DOUBLE, UNIFORM)
@@ -257,11 +267,12 @@ def mix_kernel(copies_ptr, out_ptr, key_ptr, n: tl.int64, offset: tl.int64, E: t
 
 
 @triton.jit
-def spread_kernel(grad_ptr, out_ptr, key_ptr, n: tl.int64, offset: tl.int64, scale: tl.float64, E: tl.constexpr,
+def spread_kernel(grad_ptr, out_ptr, key_ptr, n, offset, scale: tl.float64, E: tl.constexpr,
                   BLOCK: tl.constexpr, DOUBLE: tl.constexpr, SCALED: tl.constexpr):
     """``out[k] = p_k * grad`` (times ``scale``): the generic path's backward into the copies."""
     P: tl.constexpr = tl.float64 if DOUBLE else tl.float32
     T: tl.constexpr = out_ptr.dtype.element_ty
+    n, offset = _i64(n), _i64(offset)
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n
     p = _probabilities(_key(tl.load(key_ptr)), (idx + offset).to(tl.uint64), E, BLOCK, DOUBLE, False)
@@ -274,10 +285,11 @@ def spread_kernel(grad_ptr, out_ptr, key_ptr, n: tl.int64, offset: tl.int64, sca
 
 
 @triton.jit
-def scale_grad_kernel(grad_ptr, out_ptr, key_ptr, n: tl.int64, offset: tl.int64, E: tl.constexpr, BLOCK: tl.constexpr,
+def scale_grad_kernel(grad_ptr, out_ptr, key_ptr, n, offset, E: tl.constexpr, BLOCK: tl.constexpr,
                       DOUBLE: tl.constexpr, UNIFORM: tl.constexpr):
     """``out = sqrt(sum_k p_k^2) * grad``: the fused path's proxy gradient (its norm is the copies')."""
     P: tl.constexpr = tl.float64 if DOUBLE else tl.float32
+    n, offset = _i64(n), _i64(offset)
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n
     p = _probabilities(_key(tl.load(key_ptr)), (idx + offset).to(tl.uint64), E, BLOCK, DOUBLE, UNIFORM)
@@ -285,15 +297,16 @@ def scale_grad_kernel(grad_ptr, out_ptr, key_ptr, n: tl.int64, offset: tl.int64,
     tl.store(out_ptr + idx, _cast(_norm(p) * grad, out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def ascend_kernel(copies_ptr, probe_ptr, w_ptr, norm_ptr, weight_ptr, ascent_ptr, n: tl.int64, offset: tl.int64,
-                  key_now: tl.int64, ascent_scale: tl.float64, E: tl.constexpr, BLOCK: tl.constexpr,
+@triton.jit(do_not_specialize=["key_now"])
+def ascend_kernel(copies_ptr, probe_ptr, w_ptr, norm_ptr, weight_ptr, ascent_ptr, n, offset,
+                  key_now, ascent_scale: tl.float64, E: tl.constexpr, BLOCK: tl.constexpr,
                   DOUBLE: tl.constexpr, RANDOMIZE: tl.constexpr, WEIGHT_OUT: tl.constexpr):
     """The adversarial step's ``W = sum_k p_k W~_k`` and ``s = sqrt(sum_k p_k^2)`` (B.2 also saves ``u``).
 
     The ascent step is ``load(ascent_ptr) * ascent_scale``: a device scalar (e.g. the inverse loss
     scale times the probe's finite flag) so that the host never reads the scale or the finite check."""
     P: tl.constexpr = tl.float64 if DOUBLE else tl.float32
+    n, offset = _i64(n), _i64(offset)
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n
     step = tl.load(ascent_ptr).to(tl.float64) * _f64(ascent_scale)
@@ -303,11 +316,12 @@ def ascend_kernel(copies_ptr, probe_ptr, w_ptr, norm_ptr, weight_ptr, ascent_ptr
     tl.store(norm_ptr + idx, _cast(_norm(p), norm_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def adversarial_probabilities_kernel(copies_ptr, probe_ptr, out_ptr, ascent_ptr, n: tl.int64, offset: tl.int64,
-                                     key_now: tl.int64, ascent_scale: tl.float64, E: tl.constexpr, BLOCK: tl.constexpr,
+@triton.jit(do_not_specialize=["key_now"])
+def adversarial_probabilities_kernel(copies_ptr, probe_ptr, out_ptr, ascent_ptr, n, offset,
+                                     key_now, ascent_scale: tl.float64, E: tl.constexpr, BLOCK: tl.constexpr,
                                      DOUBLE: tl.constexpr, RANDOMIZE: tl.constexpr):
     """The adversarial ``p`` (``out``: ``[E, n]``) the ascent and the update use."""
+    n, offset = _i64(n), _i64(offset)
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n
     step = tl.load(ascent_ptr).to(tl.float64) * _f64(ascent_scale)
@@ -316,10 +330,10 @@ def adversarial_probabilities_kernel(copies_ptr, probe_ptr, out_ptr, ascent_ptr,
     _store_rows(out_ptr, p, idx, mask, n)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["key_now", "key_next"])  # keys change every step: never recompile for them
 def fused_update_kernel(
     copies_ptr, w_ptr, grad_ptr, buf_ptr, sq_ptr, max_sq_ptr, probe_ptr, weight_ptr, ascent_ptr, step_ptr, lr_ptr,
-    n: tl.int64, offset: tl.int64, key_now: tl.int64, key_next: tl.int64,
+    n, offset, key_now, key_next,
     lr_value: tl.float64, weight_decay: tl.float64, momentum: tl.float64, dampening: tl.float64,
     beta1: tl.float64, beta2: tl.float64, eps: tl.float64, log2_beta1: tl.float64, log2_beta2: tl.float64,
     ascent_scale: tl.float64,
@@ -338,6 +352,7 @@ def fused_update_kernel(
     """
     P: tl.constexpr = tl.float64 if DOUBLE else tl.float32
     T: tl.constexpr = copies_ptr.dtype.element_ty
+    n, offset = _i64(n), _i64(offset)
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n
     cols = (idx + offset).to(tl.uint64)
