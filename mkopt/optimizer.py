@@ -307,19 +307,23 @@ class MKOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             randomize = self.mode.randomize
             sampler.draw(self.mk_step, fill=False)  # this step's keys: the kernel regenerates B.2's Dirichlet draw
+            steps: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}  # one per device and dtype, no host copy
             for slot, grad in zip(sampler.slots, grads):
                 view = slot.view
                 view.requires_grad_(False)
                 view.grad = None
-                step = torch.tensor(eps, dtype=grad.dtype, device=slot.device)
+                step = steps.get((slot.device, grad.dtype))
+                if step is None:
+                    step = steps[(slot.device, grad.dtype)] = torch.full((), eps, dtype=grad.dtype, device=slot.device)
                 adversarial.compiled_ascend_(
                     view, grad, step, slot.step_key, slot.offset_tensor, sampler.constants(slot.device), randomize,
                     sampler.compile_kernels(slot.device), required=sampler.compile_required,
                 )  # fmt: skip
             torch.autograd.graph.increment_version(sampler.views)
             numel = [slot.shape.numel() for slot in sampler.slots]
-            entropies = [adversarial.estimated_entropy(slot.view) for slot in sampler.slots]
-            self.last_p_entropy = sum(h * n for h, n in zip(entropies, numel)) / sum(numel)
+            # on the device until the one read at the end (a read per tensor would synchronize per tensor on a GPU)
+            entropies = [adversarial.estimated_entropy(slot.view, as_tensor=True).double() for slot in sampler.slots]
+            self.last_p_entropy = float(sum(h * n for h, n in zip(entropies, numel)) / sum(numel))
         self.optimizer.zero_grad(set_to_none=True)
         self._p_uniform = False
         self._phase = "descent"
