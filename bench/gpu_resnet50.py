@@ -74,7 +74,7 @@ class FusedFloor:
         self.optimizer = torch.optim.SGD(others, **kwargs) if others else None
         device = kernels[0].device
         self.state = torch.ones(2 * e, numel, device=device)
-        self.weight = torch.zeros(numel, device=device)
+        self.weights = [torch.zeros_like(p) for p in kernels]  # the next W, in each kernel's own layout
         self.kernels = kernels
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -84,9 +84,9 @@ class FusedFloor:
         if self.optimizer is not None:
             self.optimizer.step()
         self.state.mul_(1.0)
-        grads = [p.grad.reshape(-1) for p in self.kernels if p.grad is not None]
-        if grads:
-            torch.cat(grads, out=self.weight)  # reads dL/dW, writes N: the next W
+        pairs = [(w, p.grad) for w, p in zip(self.weights, self.kernels) if p.grad is not None]
+        if pairs:
+            torch._foreach_copy_([w for w, _ in pairs], [g for _, g in pairs])  # reads dL/dW, writes the next W
 
 
 @dataclass

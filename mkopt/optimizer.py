@@ -56,9 +56,9 @@ class MKOptimizer(torch.optim.Optimizer):
             biases); the Parameter objects survive expansion, so build them before or after. Default
             ``model.parameters()``.
         path: ``"auto"`` (default), ``"fused"`` or ``"generic"``. The fused path (exactly
-            ``torch.optim.SGD``, ``Adam``, ``AdamW``; Dirichlet or uniform ``p``; CPU; float32,
-            float64 or bfloat16) keeps MK inside the optimizer: the model reads one N-sized weight per
-            kernel, its gradient is N-sized, and one native pass per step updates the copies and
+            ``torch.optim.SGD``, ``Adam``, ``AdamW``; CPU with C++ kernels in float32, float64 or
+            bfloat16, or CUDA with Triton kernels, float16 too) keeps MK inside the optimizer: the model
+            reads one N-sized weight per kernel, its gradient is N-sized, and one native pass per step updates the copies and
             their optimizer state and writes the next weight (:mod:`mkopt.fused_step`). The generic
             path works with any optimizer: the copies take gradients ``p_k * dL/dW`` and the wrapped
             optimizer steps them. ``"auto"`` takes the fused path where it can run; asking for

@@ -5,13 +5,15 @@ second copy of it with Triton's interpreter switched on (``triton.jit`` decides 
 and interpreting when it decorates, and kernels call their helpers through this module's globals),
 so that the same kernels run on CPU tensors, in any process, whatever imported Triton first.
 
-Arithmetic mirrors ``mkopt/native/mk_cpu.cpp`` operation for operation: the same SplitMix64
-counters and 24/53-bit fields, the same uniform spacings (the same compare-exchange network), sums over copies accumulated in copy order, IEEE division
-and square roots (``div_rn``, ``sqrt_rn`` for float32); launched with ``enable_fp_fusion=False`` (no fused
-multiply-adds, as the CPU build's ``-ffp-contract=off``). So ``p`` is bit-identical to the CPU
-stream for e <= 16, and so are most updates; above e = 16 ``p`` takes logarithms and a tree sum
-(last-bit differences). ``p`` of a block is a tuple of ``e`` ``[BLOCK]`` rows (unrolled at compile
-time, as the CPU's ``p[k][j]`` arrays), so every per-copy loop is plain elementwise code.
+Arithmetic mirrors ``mkopt/native/mk_cpu.cpp`` operation for operation: the same SplitMix64 counters
+and 24/53-bit fields, the same compare-exchange network for the uniform spacings, sums over copies
+accumulated in copy order, IEEE division and square roots (``div_rn``, ``sqrt_rn`` for float32), and
+launched with ``enable_fp_fusion=False`` (no fused multiply-adds, as the CPU build's ``-ffp-contract=off``).
+So ``p`` is bit-identical to the CPU stream for e <= 16, and so are the SGD updates (tested); Adam's
+bias corrections are ``exp2(t * log2(beta))`` in float64 on the device (last-bit differences from the
+host's ``beta ** t``); above e = 16 ``p`` takes logarithms (last-bit differences). ``p`` of a block is a
+tuple of ``e`` ``[BLOCK]`` rows (unrolled at compile time, as the CPU's ``p[k][j]`` arrays), so every
+per-copy loop is plain elementwise code.
 
 Only Triton builtins are used (no ``tl.sum``, ``tl.sort``, ``tl.zeros``): those are ``@triton.jit``
 functions of Triton's standard library, which the interpreted copy cannot call.
@@ -25,7 +27,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-MAX_SPACINGS_E = 16  # uniform spacings up to here (mkopt.sampling.MAX_SPACINGS_E); normalized exponentials above
 MAX_E = 32  # as the CPU kernels (mk_cpu.cpp's MAX_E)
 
 
@@ -139,7 +140,7 @@ def _probabilities(key, cols, E: tl.constexpr, BLOCK: tl.constexpr, DOUBLE: tl.c
 @triton.jit
 def _dirichlet_rows(key, cols, E: tl.constexpr, DOUBLE: tl.constexpr):
     """Dirichlet(1) rows for ``E >= 2`` (one return per function: the compiler needs it for tuples)."""
-    COUNT: tl.constexpr = E - 1 if E <= 16 else E  # uniforms per column (sampling.uniform_rows)
+    COUNT: tl.constexpr = E - 1 if E <= 16 else E  # uniforms per column (sampling.uniform_rows; MAX_SPACINGS_E = 16)
     PER_WORD: tl.constexpr = 1 if DOUBLE else 2  # float32: two 24-bit fields per 64-bit output
     WORDS: tl.constexpr = (COUNT + PER_WORD - 1) // PER_WORD
     u = ()
