@@ -297,7 +297,7 @@ class FusedUpdate:
         (8 runs per kernel cost ~2.4 ms per step on the paper's MLP, mostly Python; 2 cost ~0.6 ms)."""
         from .adversarial import normalized_entropy
 
-        if self.kernels and mk_triton.handles(self.kernels[0].copies.device):
+        if self.on_device:  # partial results stay on the device: one read
             return mk_triton.step.estimated_entropy(self, columns, chunks)
         total = weight = 0.0
         for kernel in self.kernels:
