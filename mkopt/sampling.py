@@ -116,6 +116,10 @@ class ProbabilitySlot:
             return self.adversarial_p().view(shape)
         if sampler.uniform or sampler.fused_phase == "probe":
             return torch.full(shape, 1.0 / sampler.e, device=self.key.device, dtype=self.key.dtype)
+        from . import triton as mk_triton
+
+        if mk_triton.handles(self.key.device) and sampler.e <= mk_triton.MAX_E:  # CUDA: one kernel, the same values
+            return mk_triton.launch.probabilities(sampler.e, self.shape.numel(), self.step_key, self.offset, self.key.dtype).view(shape)
         if self.key.device.type == "cpu" and sampler.e <= MAX_SPACINGS_E:
             from . import native  # the same values, bit for bit, without compiling a kernel
 

@@ -484,3 +484,13 @@ def test_triton_missing_leaves_the_cpu_paths_working():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("1")
+
+
+def test_triton_regenerated_p_read_back_from_a_parametrization_is_the_stream():
+    model = make_model(torch.float32)
+    with mk_triton.run_on_cpu():
+        mkopt.MKOptimizer(torch.optim.SGD, model, e=4, lr=0.1, path="generic")
+        mk = model[0].parametrizations.weight[0]
+        slot = mk.slot
+        reference = counter_dirichlet_(torch.empty(4, slot.shape.numel()), key=slot.sampler.seeds[slot.key], compiled=False, offset=slot.offset)
+        assert torch.equal(mk.p, reference.view(4, *slot.shape))
