@@ -445,7 +445,7 @@ def test_triton_kernels_compile_for_a_cuda_target():
 
     if "nvidia" not in triton.backends.backends:
         pytest.skip("Triton's NVIDIA backend is not installed")
-    scalars = {"n": "i32", "offset": "i64", "key_now": "i64", "key_next": "i64", "key_ptr": "*i64", "step_ptr": "*fp32"}
+    scalars = {"n": "i32", "offset": "i64", "start": "i32", "run": "i32", "key_now": "i64", "key_next": "i64", "key_ptr": "*i64", "step_ptr": "*fp32"}
     scalars |= {name: "fp64" for name in ("lr_value", "weight_decay", "momentum", "dampening", "beta1", "beta2", "eps",
                                           "log2_beta1", "log2_beta2", "ascent_scale", "scale")}  # fmt: skip
     common = dict(E=3, BLOCK=1024, DOUBLE=False)
@@ -461,6 +461,7 @@ def test_triton_kernels_compile_for_a_cuda_target():
         (kernels.probabilities_kernel, "*fp32", {**common, "E": 16, "UNIFORM": False}),
         (kernels.ascend_kernel, "*fp32", {**common, "RANDOMIZE": True, "WEIGHT_OUT": True}),
         (kernels.adversarial_probabilities_kernel, "*fp32", {**common, "RANDOMIZE": True}),
+        (kernels.adversarial_divergence_kernel, "*fp32", {**common, "RANDOMIZE": True}),
     ]
     for fn, pointer, constants in cases:
         signature = {name: "constexpr" if name in constants else scalars.get(name, pointer) for name in fn.arg_names}

@@ -331,6 +331,32 @@ def adversarial_probabilities_kernel(copies_ptr, probe_ptr, out_ptr, ascent_ptr,
     _store_rows(out_ptr, p, idx, mask, n)
 
 
+@triton.jit(do_not_specialize=["key_now"])
+def adversarial_divergence_kernel(copies_ptr, probe_ptr, out_ptr, ascent_ptr, n, offset, start, run, key_now,
+                                  ascent_scale: tl.float64, E: tl.constexpr, BLOCK: tl.constexpr, DOUBLE: tl.constexpr,
+                                  RANDOMIZE: tl.constexpr):
+    """``out[i] = KL(p || uniform) / log e`` of the adversarial ``p`` at elements ``start + i``, ``i < run``
+    (``adversarial.divergence_from_uniform``): the entropy diagnostic's samples, without materializing ``p``."""
+    n, offset, start, run = _i64(n), _i64(offset), _i64(start), _i64(run)
+    P: tl.constexpr = tl.float64 if DOUBLE else tl.float32
+    local = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = local < run
+    idx = start + local
+    step = tl.load(ascent_ptr).to(tl.float64) * _f64(ascent_scale)
+    p = _adversarial(copies_ptr, probe_ptr, out_ptr, idx, mask, n, _key(key_now), (idx + offset).to(tl.uint64), step,
+                     E, BLOCK, DOUBLE, RANDOMIZE, False, False)
+    if E == 1:
+        divergence = tl.full([BLOCK], 0.0, P)
+    else:
+        TINY: tl.constexpr = 2.2250738585072014e-308 if DOUBLE else 1.1754943508222875e-38
+        terms = ()
+        for k in tl.static_range(E):
+            terms = terms + (p[k] * tl.log(tl.maximum(p[k], TINY)),)
+        log_e = tl.log(tl.full([BLOCK], E, tl.float64)).to(P)
+        divergence = tl.minimum(tl.maximum(_div(_total(terms) + log_e, log_e), 0.0), 1.0)
+    tl.store(out_ptr + local, _cast(divergence, out_ptr.dtype.element_ty), mask=mask)
+
+
 @triton.jit(do_not_specialize=["key_now", "key_next"])  # keys change every step: never recompile for them
 def fused_update_kernel(
     copies_ptr, w_ptr, grad_ptr, buf_ptr, sq_ptr, max_sq_ptr, probe_ptr, weight_ptr, ascent_ptr, step_ptr, lr_ptr,

@@ -197,6 +197,19 @@ def adversarial_probabilities(copies: torch.Tensor, probe: torch.Tensor, ascent:
     return out
 
 
+def adversarial_divergence(copies: torch.Tensor, probe: torch.Tensor, out: torch.Tensor, ascent: torch.Tensor,
+                           ascent_scale: float, key_now: int, offset: int, start: int, randomize: bool,
+                           block: int | None = None) -> torch.Tensor:  # fmt: skip
+    """``out[i]`` = divergence from uniform of the adversarial ``p`` at element ``start + i`` (``out``: ``[run]``)."""
+    _check(copies, "copies")
+    e, n, run = copies.shape[0], probe.numel(), out.numel()
+    block, grid = _geometry(e, run, block)
+    _kernel(copies.device, "adversarial_divergence_kernel", grid)(
+        copies, probe, out, ascent, n, offset, start, run, key_now, float(ascent_scale), E=e, BLOCK=block,
+        DOUBLE=_p_double(copies.dtype), RANDOMIZE=randomize, **_options(copies.device))  # fmt: skip
+    return out
+
+
 def fused_update_(
     copies: torch.Tensor, w: torch.Tensor, grad: torch.Tensor | None, *, key_now: int, key_next: int, offset: int,
     lr: float | torch.Tensor, adam: bool, weight_decay: float = 0.0, decoupled: bool = False, maximize: bool = False,

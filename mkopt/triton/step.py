@@ -19,6 +19,8 @@ Example (the kernels interpreted on CPU):
 
 from __future__ import annotations
 
+import weakref
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -75,27 +77,49 @@ def adversarial_probabilities(update: FusedUpdate, kernel: FusedKernel, copies: 
         copies, probe, update.ascent_tensor, update.ascent_step, update.current_key(kernel.slot), offset, update.randomize)
 
 
-def estimated_entropy(update: FusedUpdate, columns: int, chunks: int) -> float:
-    """:meth:`FusedUpdate.estimated_entropy` with every partial result kept on the device: one read at the end."""
-    from ..adversarial import normalized_entropy
+@dataclass
+class _EntropyPlan:
+    """Where each sampled run of each kernel writes its divergences, and each sample's weight in the mean."""
 
-    total = None
-    weight = 0
+    runs: list[tuple[Any, int, int, int]]  # (FusedKernel, first element, length, position in samples)
+    samples: torch.Tensor  # float64, every run's divergences side by side
+    weights: torch.Tensor  # float64, n_k / (N * runs_k * length) per sample: the mean is one dot product
+    columns: tuple[int, int] = (0, 0)  # the (columns, chunks) it was made for
+
+
+_plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def estimated_entropy(update: FusedUpdate, columns: int, chunks: int) -> float:
+    """:meth:`FusedUpdate.estimated_entropy` (the same samples and weights) in one kernel per run and one read.
+
+    ``1 - sum_i w_i d_i`` over the sampled elements' divergences ``d_i`` (one launch per run, no ``p``
+    materialized), weighted as the CPU path averages: runs within a kernel, kernels by size."""
+    plan = _plans.get(update)
+    if plan is None or plan.columns != (columns, chunks):
+        plan = _plans[update] = _plan(update, columns, chunks)
+    for kernel, start, run, at in plan.runs:
+        launch.adversarial_divergence(
+            kernel.copies, kernel.probe, plan.samples[at : at + run], update.ascent_tensor, update.ascent_step,
+            update.current_key(kernel.slot), kernel.slot.offset, start, update.randomize,
+        )  # fmt: skip
+    return float(1 - torch.dot(plan.weights, plan.samples))  # the step's one device-to-host read (a diagnostic)
+
+
+def _plan(update: FusedUpdate, columns: int, chunks: int) -> _EntropyPlan:
+    runs, weights = [], []
+    total = sum(kernel.proxy.numel() for kernel in update.kernels)
+    at = 0
     for kernel in update.kernels:
         n = kernel.proxy.numel()
         run = max(1, min(n, columns // chunks))
         starts = sorted({(n - run) * i // max(chunks - 1, 1) for i in range(chunks)}) if n > run else [0]
-        flat = kernel.copies.reshape(kernel.copies.shape[0], -1)
-        values = [
-            normalized_entropy(adversarial_probabilities(
-                update, kernel, flat[:, start : start + run].contiguous(), kernel.probe.reshape(-1)[start : start + run].contiguous(),
-                kernel.slot.offset + start))  # fmt: skip
-            for start in starts
-        ]
-        part = torch.stack(values).mean() * n
-        total = part if total is None else total + part
-        weight += n
-    return float(total / weight)  # the step's one device-to-host read (a diagnostic)
+        for start in starts:
+            runs.append((kernel, start, run, at))
+            weights.append(torch.full((run,), n / (total * len(starts) * run), dtype=torch.float64))
+            at += run
+    device = update.kernels[0].copies.device
+    return _EntropyPlan(runs, torch.empty(at, dtype=torch.float64, device=device), torch.cat(weights).to(device), (columns, chunks))
 
 
 def step_kernel(update: FusedUpdate, kernel: FusedKernel, group: dict[str, Any], grad: torch.Tensor | None) -> None:
