@@ -469,6 +469,7 @@ def test_triton_kernels_compile_for_a_cuda_target():
         assert "ptx" in compiled.asm
 
 
+@pytest.mark.slow  # a fresh interpreter: ~10 s
 def test_triton_missing_leaves_the_cpu_paths_working():
     """Where Triton cannot be imported, mkopt imports, says why, and trains on the CPU kernels."""
     import subprocess
