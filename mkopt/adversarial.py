@@ -114,10 +114,11 @@ def ascend_(p: torch.Tensor, grad_p: torch.Tensor, step: torch.Tensor, key: torc
             flat[k].copy_(row)
 
 
-def estimated_entropy(p: torch.Tensor, columns: int = 8192) -> float:
+def estimated_entropy(p: torch.Tensor, columns: int = 8192, as_tensor: bool = False) -> float | torch.Tensor:
     """:func:`normalized_entropy` of a ``[e, ...]`` block, on at most ``columns`` evenly strided elements.
 
     A diagnostic: the exact value costs ``e`` logarithms per weight, as much as the ascent itself.
+    ``as_tensor``: a 0-dim tensor on ``p``'s device (no host read; on a GPU a read synchronizes).
 
     Example:
         >>> estimated_entropy(torch.full((2, 100_000), 0.5))
@@ -125,7 +126,8 @@ def estimated_entropy(p: torch.Tensor, columns: int = 8192) -> float:
     """
     flat = p.reshape(p.shape[0], -1)
     stride = -(-flat.shape[1] // columns)  # ceiling: at most ``columns`` elements
-    return float(normalized_entropy(flat[:, ::stride]))
+    entropy = normalized_entropy(flat[:, ::stride])
+    return entropy if as_tensor else float(entropy)
 
 
 # The math above, per copy: lists of [n] rows instead of [e, n] tensors, so that inductor emits one

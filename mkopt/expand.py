@@ -19,7 +19,8 @@ from torch.nn.utils import parametrize
 
 from .parametrization import MajorityKernel
 from .compiled import compile_by_default
-from .fused import fused_kernels_compile
+from . import triton as mk_triton
+from .fused import fused_kernels_compile, on_triton
 from .sampling import DirichletSampler, step_seed
 from .streams import stream_id
 from .targets import TargetSpec, TargetTensor, select_targets
@@ -179,7 +180,7 @@ def expand(
     start from scratch: copies diverge from the first step because each gets ``p_k * grad``).
     ``init="independent"`` draws each copy with the layer's own ``reset_parameters``.
     ``sampler_compile``: see :func:`mkopt.sampling.counter_dirichlet_` (``None``: compile on CPU).
-    Where the kernels are compiled, ``p`` is regenerated inside them and never stored
+    Where the kernels are compiled (CPU by default) or Triton kernels (CUDA), ``p`` is regenerated inside them and never stored
     (:mod:`mkopt.fused`); ``keep_p_buffer=True`` stores it in flat buffers instead, as the
     adversarial modes need (their ``p`` comes from gradients). ``regenerate_p=True`` skips that
     choice (the fused path's native kernels regenerate ``p`` themselves).
@@ -213,8 +214,9 @@ def expand(
     if regenerate_p is not None:
         regenerate = regenerate_p
     else:
-        regenerate = not keep_p_buffer and all(compile_by_default(t.param.device, sampler_compile) for t in chosen)
-        if regenerate:  # eager regeneration would hash twice per step: without a compiler, buffer p instead
+        on_gpu = bool(chosen) and all(on_triton(t.param) for t in chosen) and e <= mk_triton.MAX_E
+        regenerate = not keep_p_buffer and (on_gpu or all(compile_by_default(t.param.device, sampler_compile) for t in chosen))
+        if regenerate and not on_gpu:  # eager regeneration would hash twice per step: without a compiler, buffer p instead
             regenerate = fused_kernels_compile(e, chosen[0].param, required=sampler_compile is True)
     sampler = DirichletSampler(e, seed, compiled=sampler_compile, regenerate=regenerate)
     parameter_orders: dict[str, list[str]] = {}

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from . import native
+from . import triton as mk_triton
 from .expand import Expansion
 from .modes import ProbabilityMode
 from .sampling import DirichletSampler, ProbabilitySlot, step_seed
@@ -52,14 +53,23 @@ def fused_path_blocker(optimizer_cls: type, params: Iterable[torch.Tensor], e: i
         )
     if optimizer_kwargs.get("differentiable"):
         return "differentiable=True needs the generic path (the fused kernels are not differentiable)"
+    params = list(params)
+    on_cpu = any(param.device.type == "cpu" for param in params)
     for param in params:
-        if param.device.type != "cpu":
-            return f"a kernel lives on {param.device}: the fused kernels run on CPU for now"
-        if param.dtype not in native.SUPPORTED_DTYPES:
-            return f"a kernel is {param.dtype}: the fused kernels take {[str(d) for d in native.SUPPORTED_DTYPES]}"
-    if not native.available():
+        if param.device.type == "cuda":  # the Triton kernels (mkopt.triton)
+            if not mk_triton.available():
+                return f"a kernel lives on {param.device} and the fused GPU kernels need Triton: {mk_triton.unavailable_reason()}"
+            if param.dtype not in mk_triton.STORAGE_DTYPES:
+                return f"a kernel is {param.dtype}: the fused GPU kernels take {[str(d) for d in mk_triton.STORAGE_DTYPES]}"
+            if e > mk_triton.MAX_E:
+                return f"e={e} exceeds the fused GPU kernels' maximum e={mk_triton.MAX_E}"
+        elif param.device.type != "cpu":
+            return f"a kernel lives on {param.device}: the fused kernels run on CPU and CUDA"
+        elif param.dtype not in native.SUPPORTED_DTYPES:
+            return f"a kernel is {param.dtype}: the fused CPU kernels take {[str(d) for d in native.SUPPORTED_DTYPES]}"
+    if on_cpu and not native.available():
         return f"the fused CPU kernels could not be built ({native.unavailable_reason()})"
-    if e > native.max_e():
+    if on_cpu and e > native.max_e():
         return f"e={e} exceeds the fused kernels' maximum e={native.max_e()}"
     return None
 
@@ -70,7 +80,10 @@ def scale_grad_op(grad: torch.Tensor, e: int, key: torch.Tensor, offset: int, un
 
     A ``torch.library`` op, so ``torch.compile`` traces a model around it (the native call is opaque to
     it) and the step's key is data, not a constant that would recompile the graph every step.
+    On CUDA (:mod:`mkopt.triton`) the kernel reads the key on the device: no host synchronization.
     """
+    if mk_triton.handles(grad.device):
+        return mk_triton.launch.scale_grad(grad, e, key, offset, uniform)
     return native.scale_grad(grad, e, int(key), offset, uniform)
 
 
@@ -188,6 +201,7 @@ class FusedUpdate:
         self.adversarial = mode.two_pass
         self.randomize = mode.randomize
         self.ascent_step = 0.0  # eps / loss scale of this step's ascent
+        self.ascent_tensor: torch.Tensor | None = None  # GPU path: a device factor of ascent_step (see mkopt.triton.step)
         self.weights_are_mean = False  # the proxies hold the plain mean (an armed adversarial probe)
 
     @property
@@ -215,6 +229,10 @@ class FusedUpdate:
         """``proxy = sum_k p_k W~_k`` with the current step's ``p`` (after a load, a resume, a manual edit)."""
         uniform = self.uniform if uniform is None else uniform
         for kernel in self.kernels:
+            if mk_triton.handles(kernel.copies.device):
+                key = self.expansion.sampler.keys[kernel.slot.key]
+                _write_contiguous(kernel.proxy, lambda out: mk_triton.step.write_weight(kernel, out, key, uniform))
+                continue
             _write_contiguous(kernel.proxy, lambda out: native.mix_(
                 kernel.copies, out, self.current_key(kernel.slot), kernel.slot.offset, uniform))  # fmt: skip
         self.weights_are_mean = uniform
@@ -228,9 +246,19 @@ class FusedUpdate:
             kernel.probe = None
         self.phase = "probe"
 
+    @property
+    def on_device(self) -> bool:
+        """Whether the kernels run in Triton (CUDA): the step then keeps every value on the device."""
+        return bool(self.kernels) and mk_triton.handles(self.kernels[0].copies.device)
+
     @torch.no_grad()
-    def ascend(self, ascent_step: float) -> None:
-        """B.1 / B.2 from the probe's ``dL/dW`` (the proxies' ``.grad``): write ``W_adv`` and its ``s``."""
+    def ascend(self, ascent_step: float, ascent_factor: torch.Tensor | None = None) -> None:
+        """B.1 / B.2 from the probe's ``dL/dW`` (the proxies' ``.grad``): write ``W_adv`` and its ``s``.
+
+        The ascent step is ``ascent_step``, times ``ascent_factor`` (a 0-dim device tensor: the inverse
+        loss scale and the probe's finite flag, never read by the host) on the GPU path."""
+        if ascent_factor is not None and not self.on_device:
+            raise ValueError("ascent_factor is the GPU path's device-side step factor: pass the whole step as ascent_step here")
         self.ascent_step = ascent_step
         for kernel in self.kernels:
             probe = kernel.proxy.grad.to(kernel.proxy.dtype).contiguous()
@@ -238,6 +266,15 @@ class FusedUpdate:
                 kernel.norm = torch.empty(kernel.proxy.shape, dtype=kernel.proxy.dtype, device=kernel.proxy.device)
             if self.randomize and kernel.mixing is None:
                 kernel.mixing = torch.empty(kernel.proxy.numel(), dtype=kernel.slot.key.dtype, device=kernel.proxy.device)
+            if mk_triton.handles(kernel.copies.device):
+                self.ascent_tensor = ascent_factor if ascent_factor is not None else mk_triton.step.device_one(kernel.copies.device)
+                _write_contiguous(kernel.proxy, lambda out: mk_triton.step.ascend(self, kernel, probe, out, self.ascent_tensor, ascent_step))
+                kernel.probe = probe
+                kernel.slot.adversarial_p = lambda kernel=kernel: mk_triton.step.adversarial_probabilities(
+                    self, kernel, kernel.copies, kernel.probe, kernel.slot.offset)  # fmt: skip
+                for owner in kernel.owners:
+                    owner.adversarial_norm = kernel.norm
+                continue
             args = self._adversarial_args(kernel, kernel.proxy.numel(), kernel.slot.offset)
             _write_contiguous(kernel.proxy, lambda out: native.ascend_(args, kernel.copies, probe, out, kernel.norm, kernel.mixing))
             kernel.probe = probe
@@ -260,6 +297,8 @@ class FusedUpdate:
         (8 runs per kernel cost ~2.4 ms per step on the paper's MLP, mostly Python; 2 cost ~0.6 ms)."""
         from .adversarial import normalized_entropy
 
+        if self.on_device:  # partial results stay on the device: one read
+            return mk_triton.step.estimated_entropy(self, columns, chunks)
         total = weight = 0.0
         for kernel in self.kernels:
             n = kernel.proxy.numel()
@@ -313,6 +352,9 @@ class FusedUpdate:
                     kernel.proxy.grad = grads[id(kernel.proxy)]
 
     def _step_kernel(self, kernel: FusedKernel, group: dict[str, Any], grad: torch.Tensor | None) -> None:
+        if mk_triton.handles(kernel.copies.device):
+            mk_triton.step.step_kernel(self, kernel, group, grad)
+            return
         if grad is not None and grad.is_sparse:
             raise RuntimeError(f"{kernel.name!r} has a sparse gradient: MK kernels need dense gradients")
         proxy, copies, slot = kernel.proxy, kernel.copies, kernel.slot

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from . import adversarial, native
+from . import triton as mk_triton
 from .deploy import collapse
 from .diagnostics import copy_spread
 from .follow import follow_parameters, placement
@@ -59,9 +60,9 @@ class MKOptimizer(torch.optim.Optimizer):
             biases); the Parameter objects survive expansion, so build them before or after. Default
             ``model.parameters()``.
         path: ``"auto"`` (default), ``"fused"`` or ``"generic"``. The fused path (exactly
-            ``torch.optim.SGD``, ``Adam``, ``AdamW``; Dirichlet or uniform ``p``; CPU; float32,
-            float64 or bfloat16) keeps MK inside the optimizer: the model reads one N-sized weight per
-            kernel, its gradient is N-sized, and one native pass per step updates the copies and
+            ``torch.optim.SGD``, ``Adam``, ``AdamW``; CPU with C++ kernels in float32, float64 or
+            bfloat16, or CUDA with Triton kernels, float16 too) keeps MK inside the optimizer: the model
+            reads one N-sized weight per kernel, its gradient is N-sized, and one native pass per step updates the copies and
             their optimizer state and writes the next weight (:mod:`mkopt.fused_step`). The generic
             path works with any optimizer: the copies take gradients ``p_k * dL/dW`` and the wrapped
             optimizer steps them. ``"auto"`` takes the fused path where it can run; asking for
@@ -311,6 +312,14 @@ class MKOptimizer(torch.optim.Optimizer):
                 "no gradient reached p: run the probe forward/backward in training mode between opt.zero_grad() "
                 "and opt.ascend_probabilities()"
             )
+        if self._fused is not None and self._fused.on_device:
+            # GPU path: the finite check and the loss scale stay on the device; the entropy estimate is the one read
+            self._fused.ascend(self.adversarial_eps, mk_triton.step.ascent_factor(grads, scaler))
+            self.last_p_entropy = self._fused.estimated_entropy()
+            self.optimizer.zero_grad(set_to_none=True)
+            self._p_uniform = False
+            self._phase = "descent"
+            return
         inverse_scale = 1.0
         if scaler is not None and scaler.is_enabled():
             inverse_scale = 1.0 / float(scaler.get_scale())
@@ -331,19 +340,23 @@ class MKOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             randomize = self.mode.randomize
             sampler.draw(self.mk_step, fill=False)  # this step's keys: the kernel regenerates B.2's Dirichlet draw
+            steps: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}  # one per device and dtype, no host copy
             for slot, grad in zip(sampler.slots, grads):
                 view = slot.view
                 view.requires_grad_(False)
                 view.grad = None
-                step = torch.tensor(eps, dtype=grad.dtype, device=slot.device)
+                step = steps.get((slot.device, grad.dtype))
+                if step is None:
+                    step = steps[(slot.device, grad.dtype)] = torch.full((), eps, dtype=grad.dtype, device=slot.device)
                 adversarial.compiled_ascend_(
                     view, grad, step, slot.step_key, slot.offset_tensor, sampler.constants(slot.device), randomize,
                     sampler.compile_kernels(slot.device), required=sampler.compile_required,
                 )  # fmt: skip
             torch.autograd.graph.increment_version(sampler.views)
             numel = [slot.shape.numel() for slot in sampler.slots]
-            entropies = [adversarial.estimated_entropy(slot.view) for slot in sampler.slots]
-            self.last_p_entropy = sum(h * n for h, n in zip(entropies, numel)) / sum(numel)
+            # on the device until the one read at the end (a read per tensor would synchronize per tensor on a GPU)
+            entropies = [adversarial.estimated_entropy(slot.view, as_tensor=True).double() for slot in sampler.slots]
+            self.last_p_entropy = float(sum(h * n for h, n in zip(entropies, numel)) / sum(numel))
         self.optimizer.zero_grad(set_to_none=True)
         self._p_uniform = False
         self._phase = "descent"

@@ -176,7 +176,7 @@ class MajorityKernel(nn.Module):
             sampler = slot.sampler
             return mix_regenerated(
                 stacked, slot.step_key, slot.offset_tensor, sampler.constants(device), slot.key.dtype,
-                self.grad_scale, sampler.compile_kernels(device), sampler.compile_required,
+                self.grad_scale, sampler.compile_kernels(device), sampler.compile_required, host_offset=slot.offset,
             )  # fmt: skip
         return mix_copies(stacked, self._p, self.grad_scale)
 

@@ -117,6 +117,10 @@ class ProbabilitySlot:
             return self.adversarial_p().view(shape)
         if sampler.uniform or sampler.fused_phase == "probe":
             return torch.full(shape, 1.0 / sampler.e, device=self.key.device, dtype=self.key.dtype)
+        from . import triton as mk_triton
+
+        if mk_triton.handles(self.key.device) and sampler.e <= mk_triton.MAX_E:  # CUDA: one kernel, the same values
+            return mk_triton.launch.probabilities(sampler.e, self.shape.numel(), self.step_key, self.offset, self.key.dtype).view(shape)
         if self.key.device.type == "cpu" and sampler.e <= MAX_SPACINGS_E:
             from . import native  # the same values, bit for bit, without compiling a kernel
 
@@ -230,8 +234,9 @@ class DirichletSampler:
             self._materialize()
         for key in self._sizes:
             seed = self.seeds[key] = step_seed(self.seed, step, self.stream_of(key))
-            # a new tensor each step: a graph built at step t keeps step t's key for its backward
-            self.keys[key] = torch.tensor(seed, dtype=torch.int64, device=key.device)
+            # a new tensor each step: a graph built at step t keeps step t's key for its backward. torch.full, not
+            # torch.tensor: on CUDA a fill kernel with the value as its argument, not a synchronizing host copy
+            self.keys[key] = torch.full((), seed, dtype=torch.int64, device=key.device)
             if fill and not self.regenerate:
                 counter_dirichlet_(self.buffers[key], self.keys[key], compiled=self.compiled)
         self._drawn(step)
