@@ -230,7 +230,7 @@ class FusedUpdate:
         uniform = self.uniform if uniform is None else uniform
         for kernel in self.kernels:
             if mk_triton.handles(kernel.copies.device):
-                key = self.expansion.sampler.keys[kernel.slot.key]
+                key = self.sampler.keys[kernel.slot.key]
                 _write_contiguous(kernel.proxy, lambda out: mk_triton.step.write_weight(kernel, out, key, uniform))
                 continue
             _write_contiguous(kernel.proxy, lambda out: native.mix_(
