@@ -325,10 +325,11 @@ class MKParamOptimizer(torch.optim.Optimizer):
                 state["copies"] = live
             if live.device == param.device and live.dtype == param.dtype:
                 continue
-            if self._fused is not None and param.device.type != "cpu":
+            blocker = None if self._fused is None else fused_path_blocker(self.optimizer_cls, [param], self.e, {})
+            if blocker is not None:
                 raise RuntimeError(
-                    f"target {self._name(param)} moved to {param.device}, where the fused CPU kernels cannot run: build "
-                    "the optimizer after moving the model (or pass path='generic')"
+                    f"target {self._name(param)} moved to {param.device} ({param.dtype}), where the fused path cannot run: "
+                    f"{blocker}. Build the optimizer after moving the model, with path='generic' if needed"
                 )
             tensors = {id(v): v for v in [live, *state.values()] if isinstance(v, torch.Tensor) and v.dim() > 0}
             for value in tensors.values():  # in place of the objects: every holder sees the move

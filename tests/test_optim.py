@@ -411,3 +411,23 @@ def test_a_scheduler_drives_both_paths(path):
     for before, (_, after) in zip(frozen, opt.named_copies()):
         assert torch.equal(before, after)
     assert torch.equal(frozen[-1], model[0].bias)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_triton_params_form_trains_like_the_cpu_kernels(name):
+    """The params form through the GPU path's Triton kernels (interpreted on CPU) = through the C++ kernels."""
+    mk_triton = pytest.importorskip("mkopt.triton")
+    if not mk_triton.available():
+        pytest.skip(f"Triton cannot run here: {mk_triton.unavailable_reason()}")
+    cls, kwargs = OPTIMIZERS[name]
+    a, b = net(torch.float64), net(torch.float64)
+    cpu = mkopt.optim.wrap(cls)(a.parameters(), e=3, **kwargs)
+    data = batches(3, torch.float64)
+    train(a, cpu, data)
+    with mk_triton.run_on_cpu():
+        gpu_code = mkopt.optim.wrap(cls)(b.parameters(), e=3, **kwargs)
+        train(b, gpu_code, data)
+        gpu_code.eval()
+    cpu.eval()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(pa, pb, rtol=1e-12, atol=1e-14)

@@ -158,7 +158,7 @@ def step_kernel(update: FusedUpdate, kernel: FusedKernel, group: dict[str, Any],
     else:
         state = update.optimizer.state[proxy]
         amsgrad = bool(group["amsgrad"])
-        if len(state) == 0:
+        if "exp_avg" not in state:  # the params form keeps its copies in this dict too
             # the step count lives on the device (as torch's capturable Adam): the kernel reads it, the host never does
             state["step"] = torch.zeros((), dtype=torch.float32, device=device)
             state["exp_avg"] = torch.zeros_like(copies, memory_format=torch.contiguous_format)
