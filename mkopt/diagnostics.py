@@ -49,3 +49,50 @@ def copy_spread(opt: "MKOptimizer", collapse_threshold: float = 1e-4) -> dict[st
             stacklevel=3,
         )
     return stats
+
+
+@torch.no_grad()
+def adversarial_statistics(opt: "MKOptimizer") -> dict[str, float]:
+    """What B.1's ascent does to ``p`` this step, read from the probe pass (call it between the probe's
+    ``backward()`` and :meth:`~mkopt.MKOptimizer.ascend_probabilities`).
+
+    Over every element of every expanded kernel: ``u_mean``, the mean of B.2's mixing weight
+    ``u = KL(p_adv || uniform) / log e`` (0: the ascent left ``p`` uniform, B.2 is plain MK; 1: one-hot);
+    ``p_adv_deviation``, the mean of ``|p_adv - 1/e|``; ``p_adv_entropy``, the mean normalized entropy
+    of ``p_adv`` (``1 - u_mean``); ``saturated``, the fraction of elements with ``u > 0.99``.
+    ``p_adv = Normalize(1/e + eps * dL/dp)`` (:func:`mkopt.adversarial.adversarial_probabilities`)
+    with ``dL/dp[k] = W~[k] * dL/dW``: the fused path's probe yields ``dL/dW`` at the mean, the
+    generic path's yields ``dL/dp`` itself. B.2 then uses ``u * p_adv + (1 - u) * p_dirichlet``.
+
+    Example:
+        >>> import torch, mkopt
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = mkopt.MKOptimizer(torch.optim.Adam, model, e=3, probabilities="adv-mk", adversarial_eps=0.0, lr=0.1)
+        >>> opt.zero_grad(); model(torch.randn(8, 4)).square().mean().backward()
+        >>> adversarial_statistics(opt)["u_mean"]  # eps = 0: p_adv is uniform
+        0.0
+    """
+    from .adversarial import adversarial_probabilities, divergence_from_uniform
+
+    if not opt.adversarial:
+        raise RuntimeError(f"adversarial_statistics() is for probabilities='adversarial' or 'adv-mk', not {opt.probabilities!r}")
+    grads = opt._probe_grads()
+    if any(g is None for g in grads):
+        raise RuntimeError("no probe gradient: call adversarial_statistics() after the probe's backward(), before ascend_probabilities()")
+    fused = opt.path == "fused"
+    u_total = deviation_total = saturated = count = 0.0
+    for target, grad in zip(opt.expansion.targets, grads):
+        copies = target.param.detach().float()
+        grad_p = copies * grad.float() if fused else grad.float().reshape(copies.shape)
+        p_adv = adversarial_probabilities(grad_p.flatten(1), opt.adversarial_eps)
+        u = divergence_from_uniform(p_adv)
+        u_total += float(u.sum())
+        saturated += float((u > 0.99).sum())
+        deviation_total += float((p_adv - 1 / opt.e).abs().mean(0).sum())
+        count += u.numel()
+    return {
+        "u_mean": u_total / count,
+        "p_adv_entropy": 1 - u_total / count,
+        "p_adv_deviation": deviation_total / count,
+        "saturated": saturated / count,
+    }

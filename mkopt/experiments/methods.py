@@ -30,6 +30,7 @@ from torch.func import functional_call, stack_module_state
 import mkopt
 
 from ..data import Split
+from ..diagnostics import adversarial_statistics
 from .models import ARCHS, arch
 from .runs import RunSpec
 from .subset import select_rows
@@ -61,6 +62,10 @@ class Trainee:
     def parameters_deployed(self) -> int:
         raise NotImplementedError
 
+    def records(self) -> dict[str, Any]:
+        """Method-specific measurements taken during training, stored with the run's result."""
+        return {}
+
 
 class Plain(Trainee):
     def __init__(self, spec: RunSpec, inputs: int, classes: int, loss: Callable | None = None) -> None:
@@ -76,7 +81,7 @@ class Plain(Trainee):
         loss = self.loss(logits, x, y) if self.loss else F.cross_entropy(logits, y)
         loss.backward()
         self.opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     @torch.no_grad()
     def probabilities(self, x):
@@ -88,16 +93,29 @@ class Plain(Trainee):
 
 
 class MajorityKernels(Plain):
+    """MK / Adv-MK; options: ``init`` (copies), ``eps`` (Adv-MK's ascent step; the library default otherwise).
+
+    Adv-MK records :func:`mkopt.diagnostics.adversarial_statistics` every ``ADVERSARIAL_EVERY`` steps
+    (what the ascent does to ``p``: without it "Adv-MK ~ MK" says nothing about B.2).
+    """
+
+    ADVERSARIAL_EVERY = 25
+
     def __init__(self, spec: RunSpec, inputs: int, classes: int) -> None:
         torch.manual_seed(spec.seed)
         self.model = arch(spec.arch, inputs, classes)
         cls, kwargs = OPTIMIZERS[spec.optimizer]
         self.adversarial = spec.method == "adv-mk"
+        eps = spec.option("eps")
+        if eps is not None:
+            kwargs = {**kwargs, "adversarial_eps": float(eps)}
         self.opt = mkopt.MKOptimizer(
             cls, self.model, e=spec.e, lr=spec.lr, seed=spec.seed, init=spec.option("init", "replicate"),
             probabilities="adv-mk" if self.adversarial else "dirichlet", **kwargs,
         )  # fmt: skip
         self.loss = None
+        self.steps = 0
+        self.adversarial_trace: list[dict[str, float]] = []
 
     def step(self, x, y):
         if not self.adversarial:
@@ -105,14 +123,26 @@ class MajorityKernels(Plain):
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
         F.cross_entropy(self.model(x), y).backward()  # probe at p = 1/e
+        measure = self.steps % self.ADVERSARIAL_EVERY == 0
+        if measure:
+            stats = {"step": float(self.steps), **adversarial_statistics(self.opt)}
         self.opt.ascend_probabilities()
+        if measure:
+            stats["p_entropy"] = float(self.opt.last_p_entropy)  # the p B.2 trains with (mixed with Dirichlet)
+            self.adversarial_trace.append(stats)
         loss = F.cross_entropy(self.model(x), y)
         loss.backward()
         self.opt.step()
-        return float(loss)
+        self.steps += 1
+        return float(loss.detach())
 
     def parameters_deployed(self):
         return sum(p.numel() for p in mkopt.deploy(self.model).parameters())
+
+    def records(self) -> dict[str, Any]:
+        if not self.adversarial:
+            return {}
+        return {"adversarial": {"eps": self.opt.adversarial_eps, "every": self.ADVERSARIAL_EVERY, "trace": self.adversarial_trace}}
 
 
 class Ensemble(Trainee):
@@ -218,7 +248,7 @@ class Subset(Trainee):
         loss = F.cross_entropy(self.forward(x, chosen), y)
         loss.backward()
         self.opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     def final_model(self) -> nn.Sequential:
         """The deployable network of the original widths: one more selection (Algorithm D.1's return)."""
@@ -312,4 +342,5 @@ def train(trainee: Trainee, spec: RunSpec, fit: Split, val: Split, test: Split, 
         "curves": curves,
         "seconds": round(time.perf_counter() - start, 2),
         "deployed_parameters": trainee.parameters_deployed(),
+        **trainee.records(),
     }
