@@ -246,12 +246,14 @@ class Distilled(Plain):
 class Subset(Trainee):
     """Algorithm D.1: hidden layer ``r`` holds ``e * m_r`` candidate units, ``m_r`` selected before each step.
 
-    As D.1 writes it (``W_r in R^{n_r x m_r x e}``), only the *outputs* are expanded: layer ``r``
-    reads the ``m_{r-1}`` units selected in the layer below (the input features for ``r = 0``), so
-    it is an ``nn.Linear(m_{r-1}, e * m_r)`` initialized for fan-in ``m_{r-1}``, and the output
-    layer is the plain ``nn.Linear(m_L, classes)``. Selected unit ``j`` (in index order) of layer
-    ``r`` feeds input ``j`` of layer ``r + 1``. Selection: :func:`~mkopt.experiments.subset.select_rows`
-    on each hidden layer's weight rows (t-NN graph, t = 10 by default; option ``t``).
+    As D.1 writes it (``W_r in R^{n_r x m_r x e}``, the shape of an MK kernel), only the *outputs* are
+    expanded: candidate ``u = k * m_r + j`` is copy ``k`` of output ``j``, and layer ``r + 1`` has the
+    ``m_r`` inputs of the plain network, so it is an ``nn.Linear(m_r, e * m_{r+1})`` initialized for
+    fan-in ``m_r`` (the output layer: the plain ``nn.Linear(m_L, classes)``). A selected candidate
+    feeds its output's input ``j`` of the next layer; so the selected units form a plain layer of
+    width ``m_r`` whose next weight is ``W_{r+1}[:, S_r mod m_r]``, which is what the forward runs and
+    what :meth:`final_model` returns. Selection: :func:`~mkopt.experiments.subset.select_rows` on each
+    hidden layer's weight rows (t-NN graph, t = 10 by default; option ``t``).
     """
 
     def __init__(self, spec: RunSpec, inputs: int, classes: int) -> None:
@@ -267,11 +269,22 @@ class Subset(Trainee):
         """The selected rows of every hidden layer (sorted), from the current weights."""
         return [select_rows(layer.weight.detach(), m, t=self.t) for layer, m in zip(self.hidden, self.widths)]
 
+    def layers(self, chosen: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(weight, bias) of the width-``m`` network the selection ``chosen`` forms (differentiable)."""
+        out, columns = [], None
+        for layer, rows, m in zip(self.hidden, chosen, self.widths):
+            weight = layer.weight[rows]
+            out.append((weight if columns is None else weight[:, columns], layer.bias[rows]))
+            columns = rows % m  # candidate k * m + j feeds input j of the next layer
+        out.append((self.output.weight[:, columns], self.output.bias))
+        return out
+
     def forward(self, x: torch.Tensor, chosen: list[torch.Tensor]) -> torch.Tensor:
         h = x.flatten(1)
-        for layer, rows in zip(self.hidden, chosen):
-            h = F.relu(F.linear(h, layer.weight[rows], layer.bias[rows]))
-        return self.output(h)
+        *hidden, (weight, bias) = self.layers(chosen)
+        for w, b in hidden:
+            h = F.relu(F.linear(h, w, b))
+        return F.linear(h, weight, bias)
 
     def step(self, x, y):
         chosen = self.select()
@@ -286,12 +299,10 @@ class Subset(Trainee):
         from .models import mlp
 
         model = mlp(self.widths, self.hidden[0].in_features, self.output.out_features)
-        small = [m for m in model if isinstance(m, nn.Linear)]
         with torch.no_grad():
-            for target, layer, rows in zip(small, self.hidden, self.select()):
-                target.weight.copy_(layer.weight[rows])
-                target.bias.copy_(layer.bias[rows])
-            small[-1].load_state_dict(self.output.state_dict())
+            for target, (weight, bias) in zip([m for m in model if isinstance(m, nn.Linear)], self.layers(self.select())):
+                target.weight.copy_(weight)
+                target.bias.copy_(bias)
         return model
 
     @torch.no_grad()
