@@ -132,7 +132,7 @@ def sharpness_table(store: ResultStore, config: SweepConfig) -> str:
                 rows.append(f"| {LABELS[m]} | {a} | {o} | {peak:.4f} | {end:.4f} | {len(traces)} |")
     if not rows:
         return ""
-    head = ["Stochastic sharpness Δ = E_p[L(θ_p)] − L(θ̄) (Lemma 4.2; fixed 1,024-image training batch, 8 Dirichlet draws, "
+    head = ["Stochastic sharpness Δ = E_p[L(θ_p)] − L(θ̄) (Lemma 4.2; on the first 1,024 training images, fixed, 8 Dirichlet draws, "
             "every 50 steps; mean over seeds; replicated copies start at Δ = 0):", "",
             "| method | arch | optimizer | peak Δ | final Δ | n |", "|---|---|---|---|---|---|"]  # fmt: skip
     return "\n".join(head + rows)
