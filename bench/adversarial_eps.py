@@ -91,6 +91,15 @@ def report(args: argparse.Namespace, store: ResultStore, reference: ResultStore,
     return "\n".join(lines) + "\n"
 
 
+READING = "## Reading"  # a hand-written section at the end of --out, kept when the table is rewritten
+
+
+def write_report(path: Path, text: str) -> None:
+    old = path.read_text() if path.is_file() else ""
+    kept = old[old.index(READING):] if READING in old else ""
+    path.write_text(text + ("\n" + kept if kept else ""))
+
+
 def main() -> None:
     warnings.simplefilter("ignore", mkopt.KernelCollapseWarning)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -115,8 +124,8 @@ def main() -> None:
         trace = result["adversarial"]["trace"]
         print(f"[{i + 1}/{len(todo)}] {spec.run_id}: test {result['test_accuracy']:.4f}, mean u "
               f"{statistics.mean(t['u_mean'] for t in trace):.2e}, {time.perf_counter() - start:.0f} s", flush=True)  # fmt: skip
-        args.out.write_text(report(args, store, reference, command))
-    args.out.write_text(report(args, store, reference, command))
+        write_report(args.out, report(args, store, reference, command))
+    write_report(args.out, report(args, store, reference, command))
     print(args.out.read_text())
 
 
