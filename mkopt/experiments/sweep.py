@@ -15,7 +15,7 @@ import functools
 import os
 import platform
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
