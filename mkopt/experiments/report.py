@@ -237,7 +237,7 @@ def plot_curves(store: ResultStore, config: SweepConfig, out_dir: Path) -> list[
                 ax.plot([t["step"] for t in trace], [t["sharpness"] for t in trace], style, label=f"{LABELS[method]} {a}")
                 plotted = True
     if plotted:
-        ax.set(xlabel="optimizer step", ylabel="Δ = E_p[L(θ_p)] − L(θ̄)", title=f"{config.dataset}, {optimizer}: stochastic sharpness (Lemma 4.2)")
+        ax.set(xlabel="optimizer step", ylabel="Δ = E_p[L(θ_p)] − L(θ̄)", title=f"{config.dataset}, {optimizer}: stochastic sharpness")
         written.append(_save(fig, ax, out_dir / "stochastic_sharpness.png"))
     else:
         plt.close(fig)
