@@ -252,7 +252,10 @@ class Subset(Trainee):
     fan-in ``m_r`` (the output layer: the plain ``nn.Linear(m_L, classes)``). A selected candidate
     feeds its output's input ``j`` of the next layer; so the selected units form a plain layer of
     width ``m_r`` whose next weight is ``W_{r+1}[:, S_r mod m_r]``, which is what the forward runs and
-    what :meth:`final_model` returns. Selection: :func:`~mkopt.experiments.subset.select_rows` on each
+    what :meth:`final_model` returns. (D.1 leaves the wiring open; the other reading, "the i-th selected
+    unit feeds input i", reassigns most inputs whenever the selection changes, which it does every step:
+    about 270 of 300 positions per step on the tests' synthetic data, where that variant did not train.)
+    Selection: :func:`~mkopt.experiments.subset.select_rows` on each
     hidden layer's weight rows (t-NN graph, t = 10 by default; option ``t``).
     """
 
