@@ -1,7 +1,7 @@
 """``mkopt table1``: the paper's Table 1 protocol on Fashion-MNIST (or CIFAR-10 / your .npz).
 
 The quick version (default) runs A1 and A2, both optimizers, three learning rates (``1.5^i`` times
-the paper's base lr, i = -2, 0, 2; ``--lr-steps`` changes them) and two seeds with a short epoch
+the paper's base lr, i = 0, 2, 4; ``--lr-steps`` changes them) and two seeds with a short epoch
 budget (2 / 4 epochs, raised on small data sets so every run takes at least ``QUICK_MIN_STEPS``
 optimizer steps); ``--full`` runs the paper's grid (A1-A3, ten learning rates, three seeds, 5 / 10
 epochs). Budgets follow section 5.2 (``--budget short`` is the ablation with 5-epoch ensemble
@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--archs", nargs="+", default=None, choices=["A1", "A2", "A3"], help="subset of architectures (ablations)")
     parser.add_argument("--optimizers", nargs="+", default=None, choices=["adam", "sgd"], help="subset of optimizers (ablations)")
     parser.add_argument("--lr-steps", nargs=2, type=int, default=None, metavar=("LO", "HI"),
-                        help="lr grid base * 1.5^i for i in [LO, HI] (paper: -4 5; quick default: -2, 0, 2); finished runs are reused")
+                        help="lr grid base * 1.5^i for i in [LO, HI] (paper: -4 5; quick default: 0, 2, 4); finished runs are reused")
     parser.add_argument("--budget", default="paper", choices=list(BUDGETS),
                         help="paper: section 5.2 (ensemble of baseline-long runs, distilled and subset on the long budget); "
                         "short: the ablation with ensemble members, distilled and subset on the baseline's budget")
@@ -59,7 +59,9 @@ def make_launcher(args: argparse.Namespace) -> Launcher:
     return launcher
 
 
-QUICK_LR_STEPS = (-2, 0, 2)  # the quick grid: three points, so the selected lr can sit inside it
+# The quick grid: three points, so the selected lr can sit inside it. Short budgets favour large steps: with
+# (-2, 0, 2) the top point won in 27 of 28 cells (Fashion-MNIST, quick job at commit d173d5d), so (0, 2, 4).
+QUICK_LR_STEPS = (0, 2, 4)
 QUICK_MIN_STEPS = 400  # optimizer steps of the quick job's shortest run (Fashion-MNIST: 2 epochs = 420 steps)
 
 
