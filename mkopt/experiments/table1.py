@@ -4,7 +4,7 @@ The quick version (default) runs A1 and A2, both optimizers, three learning rate
 the paper's base lr, i = 0, 2, 4; ``--lr-steps`` changes them) and two seeds with a short epoch
 budget (2 / 4 epochs, raised on small data sets so every run takes at least ``QUICK_MIN_STEPS``
 optimizer steps; 144 runs, 14 min wall with ``--workers 2`` on the 2-core CI-class machine, measured
-at commit d173d5d with other jobs on the machine); ``--full`` runs the paper's grid (A1-A3, ten
+at commit 44d37f3 with other jobs on the machine); ``--full`` runs the paper's grid (A1-A3, ten
 learning rates, three seeds, 5 / 10 epochs; ~2 h 10 min estimated, see results/README.md). Budgets follow section 5.2 (``--budget short`` is the ablation with 5-epoch ensemble
 members, distilled and subset). After the sweep it warns when a selected lr sits at the edge of its
 grid (widen it with ``--lr-steps``) and when a cell ends near chance. Results go to ``--runs`` (one JSON per run; a
@@ -61,7 +61,7 @@ def make_launcher(args: argparse.Namespace) -> Launcher:
 
 
 # The quick grid: three points, so the selected lr can sit inside it. Short budgets favour large steps: with
-# (-2, 0, 2) the top point won in 27 of 28 cells (Fashion-MNIST, quick job at commit d173d5d), so (0, 2, 4).
+# (-2, 0, 2) the top point won in 27 of 28 cells (Fashion-MNIST, quick job at commit 44d37f3), so (0, 2, 4).
 QUICK_LR_STEPS = (0, 2, 4)
 QUICK_MIN_STEPS = 400  # optimizer steps of the quick job's shortest run (Fashion-MNIST: 2 epochs = 420 steps)
 
