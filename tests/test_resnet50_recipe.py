@@ -79,6 +79,24 @@ def test_every_config_loads_and_validates(config, tmp_path):
         recipe.load_config(config, ["optim.lr=0.1"])
 
 
+def test_mk_runs_on_baseline_long_unchanged_and_lr_compensation_is_only_the_ablation(tmp_path):
+    """Section 5.2: MK and Adv-MK use the BASELINE-LONG configuration unchanged (no lr compensation)."""
+    def load(variant):
+        return recipe.load_config(ROOT / "recipes" / "configs" / "resnet50_imagenet" / f"{variant}.yaml", [f"data.root={tmp_path}"])
+
+    long = load("baseline_long")
+    for variant in ("mk", "adv_mk", "mk_lr_compensation"):
+        cfg = load(variant)
+        assert cfg["method"] == "mk" and cfg["optim"] == long["optim"] and cfg["schedule"] == long["schedule"]
+        assert cfg["mk"]["lr_compensation"] is (variant == "mk_lr_compensation")
+    ablation, mk = load("mk_lr_compensation"), load("mk")
+    differing = {k for k in mk if k != "out" and mk[k] != ablation[k]}
+    assert differing == {"mk"} and {k for k in mk["mk"] if mk["mk"][k] != ablation["mk"][k]} == {"lr_compensation"}
+    assert load("adv_mk")["mk"]["probabilities"] == "adv-mk"
+    with pytest.raises(ValueError, match="data.train_eval_samples"):
+        recipe.load_config(ROOT / "recipes" / "configs" / "resnet50_imagenet" / "mk.yaml", [f"data.root={tmp_path}", "data.train_eval_samples=-1"])
+
+
 def test_overrides_parse_exponent_floats_and_numeric_keys_are_type_checked(tmp_path):
     mk = ROOT / "mkopt" / "recipes" / "configs" / "resnet50_imagenet" / "mk.yaml"
     cfg = recipe.load_config(mk, [f"data.root={tmp_path}", "schedule.gamma=1e-1", "optim.weight_decay=5e-5"])
@@ -101,6 +119,8 @@ def test_runs_end_to_end_and_deploys_a_plain_torchvision_resnet50(runs, method):
     out = runs[method]
     rows = list(csv.DictReader((out / "log.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2] and all(0 <= float(r["top1"]) <= 1 for r in rows)
+    # Fig. 5.2's train curve: the deployed model on a fixed sample of training images (here all 24 of them)
+    assert all(0 <= float(r["train_top1"]) <= 1 and float(r["train_eval_loss"]) > 0 for r in rows)
     assert float(rows[1]["lr"]) == pytest.approx(float(rows[0]["lr"]) * 0.1)  # milestone at epoch 1
     plain = torchvision.models.resnet50(num_classes=CLASSES, width_per_group=8)
     plain.load_state_dict(deployed(out), strict=True)

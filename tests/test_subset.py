@@ -48,3 +48,53 @@ def test_similar_rows_are_not_selected_together():
 def test_bad_m():
     with pytest.raises(ValueError, match="cannot select m=5 of 3"):
         greedy_select(torch.ones(3), torch.zeros(3, 3), 5)
+
+
+def test_d1_structure_outputs_expanded_inputs_are_the_selected_units():
+    """Algorithm D.1 on a small network: W_r in R^{n_r x m_r x e} (only outputs expanded), each layer reads
+    the m inputs of the plain network, initialized for fan-in m; a selected candidate k * m + j feeds input j;
+    the forward is exactly that; only selected rows (and their biases) get gradients."""
+    from mkopt.experiments import methods
+    from mkopt.experiments.runs import RunSpec
+
+    inputs, classes = 7, 3
+    spec = RunSpec("subset", "A2", "sgd", 0.1, 0, 1, "synthetic", e=3)  # widths (200, 100)
+    subset = methods.Subset(spec, inputs, classes)
+    assert [tuple(layer.weight.shape) for layer in subset.hidden] == [(3 * 200, inputs), (3 * 100, 200)]
+    assert tuple(subset.output.weight.shape) == (classes, 100)
+    for layer, fan_in in zip(subset.hidden, (inputs, 200)):  # nn.Linear's init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        bound = fan_in**-0.5
+        assert float(layer.weight.abs().max()) <= bound
+        assert float(layer.weight.abs().max()) > 0.95 * bound
+    chosen = subset.select()
+    assert [len(rows) for rows in chosen] == [200, 100]
+    assert all(bool((rows[1:] > rows[:-1]).all()) for rows in chosen)  # sorted, distinct
+    x = torch.randn(5, inputs)
+    h = torch.relu(x @ subset.hidden[0].weight[chosen[0]].T + subset.hidden[0].bias[chosen[0]])
+    h = torch.relu(h @ subset.hidden[1].weight[chosen[1]][:, chosen[0] % 200].T + subset.hidden[1].bias[chosen[1]])
+    expected = h @ subset.output.weight[:, chosen[1] % 100].T + subset.output.bias
+    torch.testing.assert_close(subset.forward(x, chosen), expected)
+    torch.nn.functional.cross_entropy(subset.forward(x, chosen), torch.tensor([0, 1, 2, 0, 1])).backward()
+    for layer, rows in zip(subset.hidden, chosen):
+        unselected = torch.ones(layer.out_features, dtype=torch.bool)
+        unselected[rows] = False
+        assert float(layer.weight.grad[unselected].abs().max()) == 0.0
+        assert float(layer.bias.grad[unselected].abs().max()) == 0.0
+        assert float(layer.weight.grad[rows].abs().sum()) > 0
+    # "feeds input j" literally: scatter each selected unit into its output's slot (copies of one output add up)
+    with torch.no_grad():
+        first = torch.relu(x @ subset.hidden[0].weight[chosen[0]].T + subset.hidden[0].bias[chosen[0]])
+        slots = torch.zeros(5, 200).index_add_(1, chosen[0] % 200, first)
+        second, _ = subset.layers(chosen)[1]
+        torch.testing.assert_close(first @ second.T, slots @ subset.hidden[1].weight[chosen[1]].T)
+    final = subset.final_model()
+    with torch.no_grad():
+        torch.testing.assert_close(final(x), subset.forward(x, subset.select()))
+
+
+def test_paper_c_does_not_change_the_greedy_choice():
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(12, 5, generator=g)
+    paper = select_rows(rows, 4, t=3)
+    for c in (0.0, 3.0, 100.0):
+        assert torch.equal(select_rows(rows, 4, t=3, c=c), paper)

@@ -5,13 +5,13 @@ Every method exposes the same shape: build from a :class:`RunSpec`, train with m
 
 - ``baseline`` / ``baseline-long``: the plain network (the sweep gives baseline-long MK's epochs);
 - ``mk`` / ``adv-mk``: :class:`mkopt.MKOptimizer` (Dirichlet / Algorithm B.2), evaluated through
-  the deployed (mean) kernels;
-- ``ensemble``: ``e`` independently initialized networks trained together as one batched model
-  with ``torch.func.stack_module_state`` + ``vmap`` (the loss is the sum of the members' losses, so
-  each member follows exactly its own gradient); predictions average the members' probabilities;
-- ``distilled``: the plain network trained on ``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE``
-  (Hinton et al. 2015) with the ensemble as teacher; T = 4, alpha = 0.9;
-- ``subset``: Algorithm D.1 (see :mod:`mkopt.experiments.subset`).
+  the deployed (mean) kernels; both record Lemma 4.2's stochastic sharpness during training;
+- ``ensemble``: ``e`` baseline-long runs (section 5.2: "three different BASELINE-LONG models"), each
+  its own run with its own seed (init *and* batch order), trained separately and ensembled by
+  averaging their probabilities (:class:`Ensemble` holds them as one ``vmap``-ed model);
+- ``distilled``: a baseline-long network trained on ``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE``
+  (Hinton et al. 2015) with that ensemble as teacher; T = 4, alpha = 0.9;
+- ``subset``: Algorithm D.1 (see :class:`Subset` and :mod:`mkopt.experiments.subset`).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from torch.func import functional_call, stack_module_state
 import mkopt
 
 from ..data import Split
+from ..diagnostics import adversarial_statistics, stochastic_sharpness
 from .models import ARCHS, arch
 from .runs import RunSpec
 from .subset import select_rows
@@ -41,6 +42,7 @@ OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
 }
 LR_BASE: dict[str, float] = {"adam": 0.001, "sgd": 0.025}
 LR_GRID: dict[str, list[float]] = {o: [base * 1.5**i for i in range(-4, 6)] for o, base in LR_BASE.items()}  # the paper's grid
+SHARPNESS_BATCH = 1024  # the fixed training batch MK's stochastic sharpness is measured on
 DISTILL_TEMPERATURE = 4.0
 DISTILL_ALPHA = 0.9
 
@@ -61,6 +63,13 @@ class Trainee:
 
     def parameters_deployed(self) -> int:
         raise NotImplementedError
+
+    def records(self) -> dict[str, Any]:
+        """Method-specific measurements taken during training, stored with the run's result."""
+        return {}
+
+    def watch(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """A fixed batch of training data for measurements during training (default: none taken)."""
 
 
 class Plain(Trainee):
@@ -89,72 +98,123 @@ class Plain(Trainee):
 
 
 class MajorityKernels(Plain):
+    """MK / Adv-MK; options: ``init`` (copies), ``eps`` (Adv-MK's ascent step; the library default otherwise).
+
+    Records, every ``SHARPNESS_EVERY`` steps, Lemma 4.2's stochastic sharpness on a fixed batch
+    (:func:`mkopt.diagnostics.stochastic_sharpness`, ``SHARPNESS_DRAWS`` draws of ``p``, the same
+    draws each time) once :meth:`watch` gave that batch; Adv-MK also records
+    :func:`mkopt.diagnostics.adversarial_statistics` every ``ADVERSARIAL_EVERY`` steps (what the
+    ascent does to ``p``: without it "Adv-MK ~ MK" says nothing about B.2).
+    """
+
+    ADVERSARIAL_EVERY = 25
+    SHARPNESS_EVERY = 50
+    SHARPNESS_DRAWS = 8
+
     def __init__(self, spec: RunSpec, inputs: int, classes: int) -> None:
         torch.manual_seed(spec.seed)
         self.model = arch(spec.arch, inputs, classes)
         cls, kwargs = OPTIMIZERS[spec.optimizer]
         self.adversarial = spec.method == "adv-mk"
+        eps = spec.option("eps")
+        if eps is not None:
+            kwargs = {**kwargs, "adversarial_eps": float(eps)}
         self.opt = mkopt.MKOptimizer(
             cls, self.model, e=spec.e, lr=spec.lr, seed=spec.seed, init=spec.option("init", "replicate"),
             probabilities="adv-mk" if self.adversarial else "dirichlet", **kwargs,
         )  # fmt: skip
         self.loss = None
+        self.steps = 0
+        self.adversarial_trace: list[dict[str, float]] = []
+        self.sharpness_trace: list[dict[str, float]] = []
+        self.sharpness_batch: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def watch(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.sharpness_batch = (x, y)
 
     def step(self, x, y):
+        if self.sharpness_batch is not None and self.steps % self.SHARPNESS_EVERY == 0:
+            self.record_sharpness()
+        self.steps += 1
         if not self.adversarial:
             return super().step(x, y)
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
         F.cross_entropy(self.model(x), y).backward()  # probe at p = 1/e
+        measure = (self.steps - 1) % self.ADVERSARIAL_EVERY == 0
+        if measure:
+            stats = {"step": float(self.steps - 1), **adversarial_statistics(self.opt)}
         self.opt.ascend_probabilities()
+        if measure:
+            stats["p_entropy"] = float(self.opt.last_p_entropy)  # the p B.2 trains with (mixed with Dirichlet)
+            self.adversarial_trace.append(stats)
         loss = F.cross_entropy(self.model(x), y)
         loss.backward()
         self.opt.step()
         return loss.item()  # .item(), not float(): no requires_grad-to-scalar warning
 
+    def record_sharpness(self) -> None:
+        assert self.sharpness_batch is not None
+        stats = stochastic_sharpness(self.opt, *self.sharpness_batch, draws=self.SHARPNESS_DRAWS, seed=0)
+        self.sharpness_trace.append({"step": float(self.steps), **stats})
+
     def parameters_deployed(self):
         return sum(p.numel() for p in mkopt.deploy(self.model).parameters())
 
+    def records(self) -> dict[str, Any]:
+        if self.sharpness_batch is not None:
+            self.record_sharpness()  # the end of training
+        out: dict[str, Any] = {}
+        if self.sharpness_trace:
+            out["sharpness"] = {"every": self.SHARPNESS_EVERY, "draws": self.SHARPNESS_DRAWS,
+                                "batch": len(self.sharpness_batch[1]), "trace": self.sharpness_trace}  # fmt: skip
+        if self.adversarial:
+            out["adversarial"] = {"eps": self.opt.adversarial_eps, "every": self.ADVERSARIAL_EVERY, "trace": self.adversarial_trace}
+        return out
+
 
 class Ensemble(Trainee):
-    """``e`` members as one batched model: ``vmap`` over stacked parameters."""
+    """Trained member networks as one batched model (``vmap`` over stacked parameters); not trained here.
 
-    def __init__(self, spec: RunSpec, inputs: int, classes: int) -> None:
-        members = []
-        for k in range(spec.e):
-            torch.manual_seed(member_seed(spec.seed, k))
-            members.append(arch(spec.arch, inputs, classes))
+    Each member is its own baseline(-long) run (see :func:`member_specs`); the ensemble predicts
+    the mean of the members' probabilities.
+    """
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        if not members:
+            raise ValueError("an ensemble needs at least one trained member")
         self.template = copy.deepcopy(members[0]).to("meta")
-        params, buffers = stack_module_state(members)
-        self.params = {name: nn.Parameter(value) for name, value in params.items()}
-        self.buffers = buffers
-        self.opt = make_optimizer(spec, list(self.params.values()))
+        params, self.buffers = stack_module_state(members)
+        self.params = {name: value.detach() for name, value in params.items()}
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         def one(params, buffers, inputs):
             return functional_call(self.template, (params, buffers), (inputs,))
 
-        return torch.vmap(one, in_dims=(0, 0, None))(self.params, self.buffers, x)  # [e, n, classes]
+        return torch.vmap(one, in_dims=(0, 0, None))(self.params, self.buffers, x)  # [members, n, classes]
 
     def step(self, x, y):
-        self.opt.zero_grad(set_to_none=True)
-        logits = self.logits(x)
-        # sum over members of each member's mean loss: member k's gradient is exactly its own
-        loss = F.cross_entropy(logits.flatten(0, 1), y.repeat(logits.shape[0]), reduction="sum") / len(y)
-        loss.backward()
-        self.opt.step()
-        return loss.item() / logits.shape[0]
+        raise RuntimeError("an Ensemble is built from trained members (their own runs); it has no training step")
 
     @torch.no_grad()
     def probabilities(self, x):
         return self.logits(x).softmax(-1).mean(0)
 
     def parameters_deployed(self):
-        return sum(p.numel() for p in self.params.values())  # all e members are needed at inference
+        return sum(p.numel() for p in self.params.values())  # all members are needed at inference
 
 
-def member_seed(seed: int, k: int) -> int:
-    return seed * 1000 + k
+def member_specs(spec: RunSpec, member_method: str = "baseline-long") -> list[RunSpec]:
+    """The ``spec.e`` member runs of the ensemble ``spec``: ``member_method`` at the same lr and epochs,
+    seeds ``e * seed + k`` (so the seed-0 ensemble is made of the baseline-long runs of seeds 0..e-1:
+    independent inits and batch orders, and runs the sweep has anyway).
+
+    Example:
+        >>> [s.seed for s in member_specs(RunSpec("ensemble", "A1", "adam", 0.001, 1, 10))]
+        [3, 4, 5]
+    """
+    return [RunSpec(member_method, spec.arch, spec.optimizer, spec.lr, spec.e * spec.seed + k, spec.epochs, spec.dataset,
+                    spec.batch, spec.e) for k in range(spec.e)]  # fmt: skip
 
 
 class Distilled(Plain):
@@ -169,33 +229,50 @@ class Distilled(Plain):
 
 
 class Subset(Trainee):
-    """Algorithm D.1: ``e * m`` candidate neurons per hidden layer, ``m`` selected before each step."""
+    """Algorithm D.1: hidden layer ``r`` holds ``e * m_r`` candidate units, ``m_r`` selected before each step.
+
+    As D.1 writes it (``W_r in R^{n_r x m_r x e}``, the shape of an MK kernel), only the *outputs* are
+    expanded: candidate ``u = k * m_r + j`` is copy ``k`` of output ``j``, and layer ``r + 1`` has the
+    ``m_r`` inputs of the plain network, so it is an ``nn.Linear(m_r, e * m_{r+1})`` initialized for
+    fan-in ``m_r`` (the output layer: the plain ``nn.Linear(m_L, classes)``). A selected candidate
+    feeds its output's input ``j`` of the next layer; so the selected units form a plain layer of
+    width ``m_r`` whose next weight is ``W_{r+1}[:, S_r mod m_r]``, which is what the forward runs and
+    what :meth:`final_model` returns. (D.1 leaves the wiring open; the other reading, "the i-th selected
+    unit feeds input i", reassigns most inputs whenever the selection changes, which it does every step:
+    about 270 of 300 positions per step on the tests' synthetic data, where that variant did not train.)
+    Selection: :func:`~mkopt.experiments.subset.select_rows` on each
+    hidden layer's weight rows (t-NN graph, t = 10 by default; option ``t``).
+    """
 
     def __init__(self, spec: RunSpec, inputs: int, classes: int) -> None:
         torch.manual_seed(spec.seed)
         self.widths = ARCHS[spec.arch]
-        self.wide = _mlp_with_widths([spec.e * m for m in self.widths], inputs, classes)
-        self.linears = [m for m in self.wide if isinstance(m, nn.Linear)]
-        self.opt = make_optimizer(spec, self.wide.parameters())
+        fan_in = [inputs, *self.widths[:-1]]
+        self.hidden = nn.ModuleList(nn.Linear(n, spec.e * m) for n, m in zip(fan_in, self.widths))
+        self.output = nn.Linear(self.widths[-1], classes)
+        self.opt = make_optimizer(spec, [*self.hidden.parameters(), *self.output.parameters()])
         self.t = int(spec.option("t", 10))
 
     def select(self) -> list[torch.Tensor]:
-        chosen, previous = [], None
-        for layer, m in zip(self.linears[:-1], self.widths):
-            rows = layer.weight.detach() if previous is None else layer.weight.detach()[:, previous]
-            previous = select_rows(rows, m, t=self.t)
-            chosen.append(previous)
-        return chosen
+        """The selected rows of every hidden layer (sorted), from the current weights."""
+        return [select_rows(layer.weight.detach(), m, t=self.t) for layer, m in zip(self.hidden, self.widths)]
+
+    def layers(self, chosen: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(weight, bias) of the width-``m`` network the selection ``chosen`` forms (differentiable)."""
+        out, columns = [], None
+        for layer, rows, m in zip(self.hidden, chosen, self.widths):
+            weight = layer.weight[rows]
+            out.append((weight if columns is None else weight[:, columns], layer.bias[rows]))
+            columns = rows % m  # candidate k * m + j feeds input j of the next layer
+        out.append((self.output.weight[:, columns], self.output.bias))
+        return out
 
     def forward(self, x: torch.Tensor, chosen: list[torch.Tensor]) -> torch.Tensor:
         h = x.flatten(1)
-        previous = None
-        for layer, rows in zip(self.linears[:-1], chosen):
-            weight = layer.weight[rows] if previous is None else layer.weight[rows][:, previous]
-            h = F.relu(F.linear(h, weight, layer.bias[rows]))
-            previous = rows
-        out = self.linears[-1]
-        return F.linear(h, out.weight[:, previous], out.bias)
+        *hidden, (weight, bias) = self.layers(chosen)
+        for w, b in hidden:
+            h = F.relu(F.linear(h, w, b))
+        return F.linear(h, weight, bias)
 
     def step(self, x, y):
         chosen = self.select()
@@ -207,18 +284,13 @@ class Subset(Trainee):
 
     def final_model(self) -> nn.Sequential:
         """The deployable network of the original widths: one more selection (Algorithm D.1's return)."""
-        chosen = self.select()
-        model = _mlp_with_widths(list(self.widths), self.linears[0].in_features, self.linears[-1].out_features)
-        small = [m for m in model if isinstance(m, nn.Linear)]
-        previous = None
+        from .models import mlp
+
+        model = mlp(self.widths, self.hidden[0].in_features, self.output.out_features)
         with torch.no_grad():
-            for target, layer, rows in zip(small[:-1], self.linears[:-1], chosen):
-                weight = layer.weight[rows] if previous is None else layer.weight[rows][:, previous]
+            for target, (weight, bias) in zip([m for m in model if isinstance(m, nn.Linear)], self.layers(self.select())):
                 target.weight.copy_(weight)
-                target.bias.copy_(layer.bias[rows])
-                previous = rows
-            small[-1].weight.copy_(self.linears[-1].weight[:, previous])
-            small[-1].bias.copy_(self.linears[-1].bias)
+                target.bias.copy_(bias)
         return model
 
     @torch.no_grad()
@@ -229,23 +301,18 @@ class Subset(Trainee):
         return sum(p.numel() for p in self.final_model().parameters())
 
 
-def _mlp_with_widths(widths: list[int], inputs: int, classes: int) -> nn.Sequential:
-    from .models import mlp
-
-    return mlp(tuple(widths), inputs, classes)
-
-
 METHODS = ("baseline", "baseline-long", "mk", "adv-mk", "ensemble", "distilled", "subset")
 
 
 def build(spec: RunSpec, inputs: int, classes: int, teacher: Ensemble | None = None) -> Trainee:
-    """The trainee for ``spec.method``; ``distilled`` needs its trained ``teacher``."""
+    """The trainee for ``spec.method``; ``distilled`` needs its trained ``teacher``; an ``ensemble`` is
+    not built here but from its trained members (:class:`Ensemble`, :func:`member_specs`)."""
     if spec.method in ("baseline", "baseline-long"):
         return Plain(spec, inputs, classes)
     if spec.method in ("mk", "adv-mk"):
         return MajorityKernels(spec, inputs, classes)
     if spec.method == "ensemble":
-        return Ensemble(spec, inputs, classes)
+        raise ValueError("method 'ensemble' is made of trained member runs: build Ensemble(models of member_specs(spec))")
     if spec.method == "distilled":
         if teacher is None:
             raise ValueError("method 'distilled' needs a trained ensemble teacher")
@@ -272,6 +339,7 @@ def train(trainee: Trainee, spec: RunSpec, fit: Split, val: Split, test: Split, 
     order_generator = torch.Generator().manual_seed(spec.seed + 7919)  # same batches for every method
     steps = len(fit) // spec.batch
     probe = Split(fit.x[:10_000], fit.y[:10_000])  # train accuracy on a fixed subset (speed)
+    trainee.watch(fit.x[:SHARPNESS_BATCH], fit.y[:SHARPNESS_BATCH])
     curves: dict[str, list[float]] = {k: [] for k in ("train_loss", "train_accuracy", "val_accuracy", "test_loss", "test_accuracy")}
     start = time.perf_counter()
     for _ in range(spec.epochs):
@@ -297,4 +365,22 @@ def train(trainee: Trainee, spec: RunSpec, fit: Split, val: Split, test: Split, 
         "curves": curves,
         "seconds": round(time.perf_counter() - start, 2),
         "deployed_parameters": trainee.parameters_deployed(),
+        **trainee.records(),
+    }
+
+
+def evaluate_ensemble(ensemble: Ensemble, members: list[tuple[RunSpec, dict[str, Any]]], fit: Split, val: Split, test: Split) -> dict[str, Any]:
+    """The result of an ensemble of trained members (``members``: their specs and results): final metrics only
+    (the members' per-epoch weights are not kept, so there are no ensemble curves); ``seconds`` is the
+    members' training time together."""
+    probe = Split(fit.x[:10_000], fit.y[:10_000])
+    test_loss, test_accuracy = evaluate(ensemble, test)
+    return {
+        "val_accuracy": evaluate(ensemble, val)[1],
+        "test_accuracy": test_accuracy,
+        "train_accuracy": evaluate(ensemble, probe)[1],
+        "curves": {"test_loss": [test_loss], "test_accuracy": [test_accuracy]},
+        "seconds": round(sum(result["seconds"] for _, result in members), 2),
+        "deployed_parameters": ensemble.parameters_deployed(),
+        "members": [spec.run_id for spec, _ in members],
     }

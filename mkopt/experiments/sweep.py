@@ -1,10 +1,12 @@
 """The Table-1 protocol as a resumable sweep.
 
-Phase 1: every (method, arch, optimizer, lr) of the grid at seed 0 (distilled last: its teacher
-is the ensemble at the ensemble's selected lr). Phase 2: the selected lr per (method, arch,
-optimizer), picked by validation accuracy at seed 0, rerun with the other seeds. Every run writes
-its result atomically; rerunning the same sweep skips finished runs, so a killed sweep loses at
-most the runs in flight.
+Phase 1: every (method, arch, optimizer, lr) of the grid at seed 0; the ensemble's members (its
+own baseline-long runs, :func:`~mkopt.experiments.methods.member_specs`) before the ensemble;
+distilled last (its teacher is the ensemble at the ensemble's selected lr). Phase 2: the selected
+lr per (method, arch, optimizer), picked by validation accuracy at seed 0, rerun with the other
+seeds. Every run writes its result atomically; rerunning the same sweep skips finished runs, so a
+killed sweep loses at most the runs in flight. Baseline(-long) runs also keep their final weights
+(``<runs>/models/<run id>.pt``, not in git): an ensemble is made of them.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 import pickle
 import platform
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +30,15 @@ from . import datasets, methods
 from ..launch import InlineLauncher, Launcher
 from .runs import ResultStore, RunSpec, commit_of_tree
 
-# Epoch budget per method (full grid). MK needs more steps (paper 5.1): the MK variants and
-# baseline-long get LONG, everything else BASE. Ensemble members and the distillation student
-# train for BASE epochs, like the baseline they are built from. 5 / 10 epochs keep the full grid
-# (~560 runs) near 2.5 h on 2 CPU cores (measured: A3 epoch 1.4 s baseline, 2.4 s MK, 5.2 s
-# Adv-MK, 3.8 s ensemble, 10.8 s subset).
+# Epoch budget per method. The paper's (section 5.2, budget="paper"): BASELINE trains BASE epochs;
+# BASELINE-LONG, MK and Adv-MK train LONG (MK needs more steps); ENSEMBLE is three BASELINE-LONG
+# models, DISTILLED is BASELINE-LONG plus the KD loss, and SUBSET (the discrete analogue of MK)
+# gets MK's steps too. budget="short" is the ablation where ensemble (members: baseline runs),
+# distilled and subset train BASE epochs, as the first version of this harness did.
 BASE_EPOCHS = 5
 LONG_EPOCHS = 10
+BUDGETS = ("paper", "short")
+SHORT_IN_ABLATION = ("ensemble", "distilled", "subset")
 
 
 @dataclass
@@ -50,9 +54,24 @@ class SweepConfig:
     e: int = 3
     batch: int = 256
     mk_init: str = "replicate"  # init of the MK copies (mk, adv-mk); "independent" for the ablation
+    budget: str = "paper"  # see BUDGETS above
+
+    def __post_init__(self) -> None:
+        if self.budget not in BUDGETS:
+            raise ValueError(f"budget={self.budget!r} is unknown: use one of {BUDGETS}")
 
     def epochs(self, method: str) -> int:
-        return self.long_epochs if method in ("baseline-long", "mk", "adv-mk") else self.base_epochs
+        if method == "baseline" or (self.budget == "short" and method in SHORT_IN_ABLATION):
+            return self.base_epochs
+        return self.long_epochs
+
+    @property
+    def member_method(self) -> str:
+        """What an ensemble member is: a baseline-long run (paper), a baseline run (short ablation)."""
+        return "baseline-long" if self.budget == "paper" else "baseline"
+
+    def members(self, ensemble: RunSpec) -> list[RunSpec]:
+        return methods.member_specs(ensemble, self.member_method)
 
     def spec(self, method: str, arch: str, optimizer: str, lr: float, seed: int) -> RunSpec:
         options = (("init", self.mk_init),) if method in ("mk", "adv-mk") and self.mk_init != "replicate" else ()
@@ -100,9 +119,21 @@ def _load_dataset(name: str) -> tuple[Split, Split, Split, int, int]:
     return norm(fit), norm(val), norm(test), fit.x[0].numel(), classes
 
 
-def execute(job: tuple[RunSpec, str, RunSpec | None]) -> dict[str, Any]:
-    """Run one spec (module-level: picklable for process pools and SLURM)."""
-    spec, root, teacher_spec = job
+def model_path(root: str | os.PathLike, spec: RunSpec) -> Path:
+    """Where a baseline(-long) run keeps its final weights (ensembles are made of them)."""
+    return Path(root) / "models" / f"{spec.run_id}.pt"
+
+
+KEEPS_WEIGHTS = ("baseline", "baseline-long")
+
+
+def execute(job: tuple[RunSpec, str, list[RunSpec] | None]) -> dict[str, Any]:
+    """Run one spec (module-level: picklable for process pools and SLURM).
+
+    ``job = (spec, root, members)``: ``members`` are the trained runs an ensemble is made of, or a
+    distilled run's teacher is made of; their weights must be in ``root`` (the sweep runs them first).
+    """
+    spec, root, members = job
     torch.set_num_threads(int(os.environ.get("MKOPT_THREADS", torch.get_num_threads())))
     if platform.libc_ver()[0] == "glibc":  # CPU training: reuse freed blocks instead of faulting them in every step
         try:
@@ -110,27 +141,37 @@ def execute(job: tuple[RunSpec, str, RunSpec | None]) -> dict[str, Any]:
         except RuntimeError as error:  # an older glibc caps the thresholds lower: speed only, so train anyway
             warnings.warn(f"{error}; training with glibc's default allocator (slower, same results)", RuntimeWarning, stacklevel=2)
     fit, val, test, inputs, classes = load_dataset(spec.dataset)
-    teacher = trained_teacher(teacher_spec, root) if spec.method == "distilled" else None
+    if spec.method == "ensemble":
+        assert members is not None
+        store = ResultStore(root)
+        return methods.evaluate_ensemble(trained_ensemble(members, root), [(m, store.read(m)) for m in members], fit, val, test)
+    teacher = trained_ensemble(members, root) if spec.method == "distilled" and members is not None else None
     trainee = methods.build(spec, inputs, classes, teacher)
-    return {**methods.train(trainee, spec, fit, val, test), "data_sha256": datasets.fingerprint(spec.dataset)}
+    result = {**methods.train(trainee, spec, fit, val, test), "data_sha256": datasets.fingerprint(spec.dataset)}
+    if spec.method in KEEPS_WEIGHTS:
+        assert isinstance(trainee, methods.Plain)
+        state = {k: v.detach().clone() for k, v in trainee.model.state_dict().items()}
+        path = model_path(root, spec)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda out: torch.save(state, out))  # the one atomic writer (temp + fsync + rename)
+    return result
 
 
-def trained_teacher(spec: RunSpec, root: str) -> methods.Ensemble:
-    """The ensemble of ``spec``, trained once and cached (atomically) under ``root/teachers``."""
-    fit, val, test, inputs, classes = load_dataset(spec.dataset)
-    ensemble = methods.Ensemble(spec, inputs, classes)
-    path = Path(root) / "teachers" / f"{spec.run_id}-{datasets.fingerprint(spec.dataset)}.pt"  # keyed by the data's content
-    if path.is_file():
-        state = torch.load(path, weights_only=True)
-        with torch.no_grad():
-            for name, value in state.items():
-                ensemble.params[name].copy_(value)
-        return ensemble
-    methods.train(ensemble, spec, fit, val, test)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach() for k, v in ensemble.params.items()}
-    atomic_write(path, lambda out: torch.save(state, out))  # the one atomic writer (temp + fsync + rename)
-    return ensemble
+def trained_ensemble(members: list[RunSpec], root: str | os.PathLike) -> methods.Ensemble:
+    """The ensemble of the trained runs ``members``, from their saved weights."""
+    fit, val, test, inputs, classes = load_dataset(members[0].dataset)
+    models = []
+    for spec in members:
+        path = model_path(root, spec)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path}: the weights of ensemble member {spec.run_id} are missing; run the sweep (it trains the "
+                "members before the ensemble), or delete that member's result file so the sweep retrains it"
+            )
+        model = methods.arch(spec.arch, inputs, classes)
+        model.load_state_dict(torch.load(path, weights_only=True))
+        models.append(model)
+    return methods.Ensemble(models)
 
 
 def select_lr(store: ResultStore, config: SweepConfig, method: str, arch: str, optimizer: str, seed: int = 0) -> float | None:
@@ -148,53 +189,64 @@ def run_sweep(config: SweepConfig, root: str | os.PathLike, launcher: Launcher |
     """Run (or resume) the whole protocol; returns the store with every result."""
     launcher = launcher or InlineLauncher()
     store = ResultStore(root, {config.dataset: datasets.fingerprint(config.dataset)})
-    reused = 0
+    reused: set[RunSpec] = set()  # finished before this call, not by it
+    ran: set[RunSpec] = set()
     provenance = _provenance()
     first_seed, other_seeds = config.seeds[0], config.seeds[1:]
-    without_distilled = tuple(m for m in config.methods if m != "distilled")
+    ensembles = "ensemble" in config.methods or "distilled" in config.methods
+    single = tuple(m for m in config.methods if m not in ("ensemble", "distilled"))
 
-    def jobs_for(specs: list[RunSpec]) -> list[tuple[RunSpec, str, RunSpec | None]]:
-        out = []
-        for spec in specs:
-            if store.done(spec):
-                continue
-            teacher = None
-            if spec.method == "distilled":
-                teacher_lr = select_lr(store, config, "ensemble", spec.arch, spec.optimizer, first_seed)
-                if teacher_lr is None:
-                    raise RuntimeError(f"{spec.run_id}: the ensemble grid must finish before distillation")
-                teacher = replace(config.spec("ensemble", spec.arch, spec.optimizer, teacher_lr, first_seed), seed=spec.seed)
-            out.append((spec, str(root), teacher))
-        return out
+    def done(spec: RunSpec, weights: bool = False) -> bool:
+        return store.done(spec) and (not weights or model_path(root, spec).is_file())
 
-    def run(specs: list[RunSpec], label: str) -> None:
-        nonlocal reused
-        jobs = jobs_for(specs)
-        reused += len(specs) - len(jobs)
+    def ensemble_lr(arch: str, optimizer: str) -> float:
+        lr = select_lr(store, config, "ensemble", arch, optimizer, first_seed)
+        if lr is None:
+            raise RuntimeError(f"ensemble {arch} {optimizer}: the ensemble grid must finish before distillation")
+        return lr
+
+    def job(spec: RunSpec) -> tuple[RunSpec, str, list[RunSpec] | None]:
+        if spec.method == "ensemble":
+            return spec, str(root), config.members(spec)
+        if spec.method == "distilled":  # the teacher: the ensemble of the same seed at the ensemble's lr
+            teacher = config.spec("ensemble", spec.arch, spec.optimizer, ensemble_lr(spec.arch, spec.optimizer), spec.seed)
+            return spec, str(root), config.members(teacher)
+        return spec, str(root), None
+
+    def run(specs: list[RunSpec], label: str, weights: bool = False) -> None:
+        """``weights``: these runs are ensemble members, redone if their weights are missing."""
+        unique = list(dict.fromkeys(specs))
+        jobs = [job(spec) for spec in unique if not done(spec, weights)]
+        reused.update(spec for spec in unique if spec not in ran and done(spec, weights))
         bar = _progress(len(jobs), label) if progress else None
         for (spec, _, _), result in launcher.run(execute, jobs):
             store.write(spec, {**result, "provenance": provenance})
+            ran.add(spec)
             if bar is not None:
                 bar.set_postfix_str(f"{spec.method} {spec.arch} {spec.optimizer} lr={spec.lr:.4g}: test {result['test_accuracy']:.4f}")
                 bar.update()
         if bar is not None:
             bar.close()
 
-    grid = lambda chosen: [  # noqa: E731
-        config.spec(m, a, o, lr, first_seed) for m in chosen for a in config.archs for o in config.optimizers for lr in config.lrs[o]
-    ]
-    run(grid(without_distilled), "lr grid")
+    def members_of(ensemble_specs: list[RunSpec]) -> list[RunSpec]:
+        return [member for spec in ensemble_specs for member in config.members(spec)]
+
+    cells = [(a, o) for a in config.archs for o in config.optimizers]
+    grid = lambda chosen: [config.spec(m, a, o, lr, first_seed) for m in chosen for a, o in cells for lr in config.lrs[o]]  # noqa: E731
+    run(grid(single), "lr grid")
+    if ensembles:
+        run(members_of(grid(("ensemble",))), "lr grid (ensemble members)", weights=True)
+        run(grid(("ensemble",)), "lr grid (ensembles)")
     if "distilled" in config.methods:
         run(grid(("distilled",)), "lr grid (distilled)")
-    seeded = []
-    for m in config.methods:
-        for a in config.archs:
-            for o in config.optimizers:
-                lr = select_lr(store, config, m, a, o, first_seed)
-                seeded += [config.spec(m, a, o, lr, s) for s in other_seeds]
-    run(seeded, "seeds at the selected lr")
+    seeded = [config.spec(m, a, o, select_lr(store, config, m, a, o, first_seed), s) for m in config.methods for a, o in cells for s in other_seeds]
+    if ensembles:  # the teachers of the distilled seeds too, even when "ensemble" itself is not reported
+        teachers = [config.spec("ensemble", a, o, ensemble_lr(a, o), s) for a, o in cells for s in other_seeds]
+        run(members_of(teachers), "seeds (ensemble members)", weights=True)
+        run([t for t in teachers if "ensemble" in config.methods], "seeds (ensembles)")
+    run([s for s in seeded if s.method != "ensemble"], "seeds at the selected lr")
     if progress and reused:
-        print(f"reused {reused} finished run{'s' if reused != 1 else ''} from {root}")
+        print(f"reused {len(reused)} finished run{'s' if len(reused) != 1 else ''} from {root}")
     return store
 
 

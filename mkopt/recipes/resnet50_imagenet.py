@@ -56,7 +56,9 @@ from mkopt.resumable import EpochBatches, SeededSamples, shard
 METHODS = ("baseline", "mk", "distilled", "ensemble")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-CSV_COLUMNS = ("epoch", "step", "lr", "train_loss", "val_loss", "top1", "top5", "epoch_seconds", "images_per_second")
+CSV_COLUMNS = ("epoch", "step", "lr", "train_loss", "val_loss", "top1", "top5", "train_top1", "train_top5", "train_eval_loss",
+               "epoch_seconds", "images_per_second")  # fmt: skip
+TRAIN_SAMPLE_SEED = 0  # the same training images for every run and seed, so train-test gaps compare (Fig. 5.2)
 # Keys that may change between a run and its resumption (paths, machine, logging); all others must match.
 RUNTIME_KEYS = ("out", "data.root", "data.workers", "data.eval_batch", "device", "log", "checkpoint", "debug", "ensemble")
 
@@ -213,6 +215,9 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
     if cfg["method"] == "distilled":
         need(len(cfg["distill"]["teachers"]) >= 1, "method=distilled needs distill.teachers: the ensemble members' model_deployed.pt files")
     need(bool(cfg["data"]["root"]), "data.root is not set: pass data.root=/path/to/imagenet (with train/ and val/)")
+    samples = cfg["data"].get("train_eval_samples", 0)
+    need(_is_int(samples) and samples >= 0, f"data.train_eval_samples={samples!r} must be an int >= 0 (0: no train accuracy)")
+    cfg["data"]["train_eval_samples"] = samples
     return cfg
 
 
@@ -340,6 +345,19 @@ def val_loader(cfg: dict[str, Any], ctx: DistributedContext) -> DataLoader:
     )  # fmt: skip
 
 
+def train_sample_loader(cfg: dict[str, Any], ctx: DistributedContext) -> DataLoader | None:
+    """``data.train_eval_samples`` fixed training images with the *eval* transform (None if 0): the deployed
+    (eval-mode) model's train accuracy on them against its val accuracy is Fig. 5.2's train-test gap."""
+    data = cfg["data"]
+    count = data["train_eval_samples"]
+    if count == 0:
+        return None
+    dataset = image_folder(cfg, "train", eval_transform(data["image_size"], data["eval_resize"]))
+    chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(TRAIN_SAMPLE_SEED))[:count].sort().values
+    mine = chosen[shard(len(chosen), ctx.rank, ctx.world_size)].tolist()
+    return DataLoader(Subset(dataset, mine), batch_size=data["eval_batch"], num_workers=data["workers"], pin_memory=ctx.device.type == "cuda")
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(payload, indent=1).encode()))
 
@@ -372,6 +390,7 @@ class Training:
         data = cfg["data"]
         self.train_set = SeededSamples(image_folder(cfg, "train", train_transform(data["image_size"])), cfg["seed"])
         self.val = val_loader(cfg, ctx)
+        self.train_sample = train_sample_loader(cfg, ctx)
         if cfg["optim"]["batch_size"] % ctx.world_size:
             raise ValueError(f"optim.batch_size={cfg['optim']['batch_size']} does not split over {ctx.world_size} ranks")
         self.store = CheckpointStore(self.out / "checkpoints", keep=cfg["checkpoint"]["keep"])
@@ -528,6 +547,9 @@ class Training:
         row: dict[str, Any] = {"epoch": epoch, "step": self.progress["step"], "lr": lr, "train_loss": train_loss}
         if epoch % cfg["eval_every"] == 0 or epoch == cfg["schedule"]["epochs"]:
             row.update(evaluate([unwrap(self.net)], self.val, ctx, self.amp, self.channels_last))
+            if self.train_sample is not None:
+                sampled = evaluate([unwrap(self.net)], self.train_sample, ctx, self.amp, self.channels_last)
+                row.update(train_top1=sampled["top1"], train_top5=sampled["top5"], train_eval_loss=sampled["val_loss"])
         seconds = time.monotonic() - self.epoch_start
         row.update(epoch_seconds=seconds, images_per_second=self.epoch_images / max(seconds, 1e-9))
         self.history.append(row)
