@@ -82,7 +82,7 @@ def test_every_config_loads_and_validates(config, tmp_path):
 def test_mk_runs_on_baseline_long_unchanged_and_lr_compensation_is_only_the_ablation(tmp_path):
     """Section 5.2: MK and Adv-MK use the BASELINE-LONG configuration unchanged (no lr compensation)."""
     def load(variant):
-        return recipe.load_config(ROOT / "recipes" / "configs" / "resnet50_imagenet" / f"{variant}.yaml", [f"data.root={tmp_path}"])
+        return recipe.load_config(ROOT / "mkopt" / "recipes" / "configs" / "resnet50_imagenet" / f"{variant}.yaml", [f"data.root={tmp_path}"])
 
     long = load("baseline_long")
     for variant in ("mk", "adv_mk", "mk_lr_compensation"):
@@ -94,7 +94,7 @@ def test_mk_runs_on_baseline_long_unchanged_and_lr_compensation_is_only_the_abla
     assert differing == {"mk"} and {k for k in mk["mk"] if mk["mk"][k] != ablation["mk"][k]} == {"lr_compensation"}
     assert load("adv_mk")["mk"]["probabilities"] == "adv-mk"
     with pytest.raises(ValueError, match="data.train_eval_samples"):
-        recipe.load_config(ROOT / "recipes" / "configs" / "resnet50_imagenet" / "mk.yaml", [f"data.root={tmp_path}", "data.train_eval_samples=-1"])
+        recipe.load_config(ROOT / "mkopt" / "recipes" / "configs" / "resnet50_imagenet" / "mk.yaml", [f"data.root={tmp_path}", "data.train_eval_samples=-1"])
 
 
 def test_overrides_parse_exponent_floats_and_numeric_keys_are_type_checked(tmp_path):
@@ -122,6 +122,10 @@ def test_runs_end_to_end_and_deploys_a_plain_torchvision_resnet50(runs, method):
     # Fig. 5.2's train curve: the deployed model on a fixed sample of training images (here all 24 of them)
     assert all(0 <= float(r["train_top1"]) <= 1 and float(r["train_eval_loss"]) > 0 for r in rows)
     assert float(rows[1]["lr"]) == pytest.approx(float(rows[0]["lr"]) * 0.1)  # milestone at epoch 1
+    if method == "mk":  # MK's diagnostics in every epoch row (CSV, TensorBoard when on, stdout)
+        assert all(float(r["mk/spread"]) > 0 and float(r["mk/collapsed"]) in (0.0, 1.0) for r in rows)
+    else:
+        assert all(r["mk/spread"] == "" for r in rows)
     plain = torchvision.models.resnet50(num_classes=CLASSES, width_per_group=8)
     plain.load_state_dict(deployed(out), strict=True)
     assert len(list((out / "checkpoints").glob("ckpt-*.pt"))) == 2  # the newest and the previous good one
