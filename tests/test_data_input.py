@@ -90,15 +90,17 @@ def test_labels_without_class_zero_warn(tmp_path):
     assert int(train.y.max()) == 10  # warned, not changed
 
 
-def test_cached_teacher_loads_with_weights_only(tmp_path, monkeypatch):
+def test_ensemble_members_load_with_weights_only(tmp_path, monkeypatch):
+    config = sweep.SweepConfig(dataset="synthetic", archs=("A1",), optimizers=("adam",))
+    ensemble = config.spec("ensemble", "A1", "adam", 1e-3, 0)
+    members = [m.__class__(**{**m.__dict__, "epochs": 1}) for m in config.members(ensemble)]
+    for member in members:
+        sweep.execute((member, str(tmp_path), None))  # trains it and saves its weights for the ensemble
     calls = []
     real = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k) or real(*a, **k))
-    spec = sweep.SweepConfig(dataset="synthetic", archs=("A1",), optimizers=("adam",)).spec("ensemble", "A1", "adam", 1e-3, 0)
-    spec = spec.__class__(**{**spec.__dict__, "epochs": 1})
-    sweep.trained_teacher(spec, str(tmp_path))  # trains and caches
-    sweep.trained_teacher(spec, str(tmp_path))  # loads the cache
-    assert calls and all(k.get("weights_only") is True for k in calls)
+    sweep.trained_ensemble(members, str(tmp_path))
+    assert len(calls) == len(members) and all(k.get("weights_only") is True for k in calls)
 
 
 def run_table1(tmp_path, *args):
