@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:  # annotations only: the optimizer imports this module
+    from .optimizer import MKOptimizer
 
 
 class Diagnosable(Protocol):
@@ -89,7 +92,7 @@ def loggable(opt: Diagnosable, prefix: str = "mk/", per_tensor: bool = False) ->
 
 
 @torch.no_grad()
-def adversarial_statistics(opt: "MKOptimizer") -> dict[str, float]:
+def adversarial_statistics(opt: MKOptimizer) -> dict[str, float]:
     """What B.1's ascent does to ``p`` this step, read from the probe pass (call it between the probe's
     ``backward()`` and :meth:`~mkopt.MKOptimizer.ascend_probabilities`).
 
@@ -137,7 +140,7 @@ def adversarial_statistics(opt: "MKOptimizer") -> dict[str, float]:
 
 @torch.no_grad()
 def stochastic_sharpness(
-    opt: "MKOptimizer",
+    opt: MKOptimizer,
     inputs: torch.Tensor,
     targets: torch.Tensor,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
@@ -187,7 +190,7 @@ def stochastic_sharpness(
 
 
 def diagnostics(
-    opt: "MKOptimizer",
+    opt: MKOptimizer,
     collapse_threshold: float = 1e-4,
     sharpness_batch: tuple[torch.Tensor, torch.Tensor] | None = None,
     draws: int = 8,

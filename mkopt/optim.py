@@ -37,22 +37,19 @@ Example:
 
 from __future__ import annotations
 
-import inspect
 import math
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
 
-from . import adversarial, native
 from .diagnostics import copy_spread
 from .follow import follow_parameters, placement
 from .expand import _check_e
 from .fused_step import FusedKernel, FusedUpdate, fused_path_blocker, scale_grad_op
 from .modes import probability_mode
-from .optimizer import PATHS, _STATE_VERSION, _check_optimizer_cls, _warn_once_without_native
+from .optimizer import PATHS, _STATE_VERSION, _check_optimizer_cls, resolve_path
 from .parametrization import mean_of_copies
 from .sampling import DirichletSampler, ProbabilitySlot
 
@@ -145,7 +142,7 @@ class MKParamOptimizer(torch.optim.Optimizer):
         self.probabilities = probabilities
         self.lr_compensation = bool(lr_compensation)
         self.grad_scale = float(e) if lr_compensation else 1.0
-        self.path = _choose_path(path, optimizer_cls, chosen, e, optimizer_kwargs)
+        self.path = resolve_path(path, optimizer_cls, chosen, e, optimizer_kwargs)
         self.sampler = DirichletSampler(e, seed, compiled=sampler_compile, regenerate=True)
         self.sampler.uniform = self.mode.uniform
         self._slots: dict[int, ProbabilitySlot] = {}
@@ -512,19 +509,6 @@ def _choose_targets(groups: list[dict[str, Any]], targets: TargetChoice) -> list
             seen.add(id(p))
             unique.append(p)
     return unique
-
-
-def _choose_path(path: str, optimizer_cls: type, targets: list[torch.Tensor], e: int, kwargs: dict[str, Any]) -> str:
-    if path == "generic":
-        return path
-    blocker = fused_path_blocker(optimizer_cls, targets, e, kwargs)
-    if blocker is None:
-        return "fused"
-    if path == "fused":
-        raise ValueError(f"path='fused' cannot run here: {blocker}. Use path='generic' (or 'auto', which picks it)")
-    if not native.available():
-        _warn_once_without_native(blocker)
-    return "generic"
 
 
 _WRAPPED: dict[type[torch.optim.Optimizer], type[MKParamOptimizer]] = {}

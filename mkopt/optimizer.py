@@ -603,7 +603,20 @@ def _choose_path(path: str, optimizer_cls: type, model: nn.Module, targets: Targ
         params = [t.param[0] for t in expansion_of(model).targets]  # one copy: the kernel's device and dtype
     else:
         params = [t.param for t in select_targets(model, targets)]
-    blocker = fused_path_blocker(optimizer_cls, params, e, optimizer_kwargs)
+    return resolve_path(path, optimizer_cls, params, e, optimizer_kwargs)
+
+
+def resolve_path(path: str, optimizer_cls: type, kernels: list[torch.Tensor], e: int, optimizer_kwargs: dict[str, Any]) -> str:
+    """``"fused"`` where the fused kernels can step ``kernels`` (for ``"auto"`` and ``"fused"``), else ``"generic"``;
+    ``"fused"`` that cannot run raises why. Shared by both optimizer forms.
+
+    Example:
+        >>> resolve_path("auto", torch.optim.RMSprop, [torch.zeros(2, 2)], 3, {})
+        'generic'
+    """
+    if path == "generic":
+        return path
+    blocker = fused_path_blocker(optimizer_cls, kernels, e, optimizer_kwargs)
     if blocker is None:
         return "fused"
     if path == "fused":

@@ -211,8 +211,8 @@ def test_model_form_reads_its_older_state_dict_layout():
 def test_clipping_sees_the_copies_gradient_norm():
     """||W.grad|| = ||(p_k dL/dW)_k||: the norm the generic model form's copies have."""
     a, b = net(torch.float64), net(torch.float64)
-    opt_a = mkopt.optim.SGD(a.parameters(), lr=0.1, e=3)
-    opt_b = mkopt.MKOptimizer(torch.optim.SGD, b, e=3, lr=0.1, path="generic")
+    mkopt.optim.SGD(a.parameters(), lr=0.1, e=3)
+    mkopt.MKOptimizer(torch.optim.SGD, b, e=3, lr=0.1, path="generic")
     x, y = batches(1, torch.float64)[0]
     F.cross_entropy(a(x), y).backward()
     F.cross_entropy(b(x), y).backward()
