@@ -211,14 +211,13 @@ def test_model_form_reads_its_older_state_dict_layout():
 def test_clipping_sees_the_copies_gradient_norm():
     """||W.grad|| = ||(p_k dL/dW)_k||: the norm the generic model form's copies have."""
     a, b = net(torch.float64), net(torch.float64)
-    mkopt.optim.SGD(a.parameters(), lr=0.1, e=3)
-    mkopt.MKOptimizer(torch.optim.SGD, b, e=3, lr=0.1, path="generic")
+    alive = [mkopt.optim.SGD(a.parameters(), lr=0.1, e=3), mkopt.MKOptimizer(torch.optim.SGD, b, e=3, lr=0.1, path="generic")]
     x, y = batches(1, torch.float64)[0]
     F.cross_entropy(a(x), y).backward()
     F.cross_entropy(b(x), y).backward()
     norm_a = torch.nn.utils.clip_grad_norm_(a.parameters(), 1e9)
     norm_b = torch.nn.utils.clip_grad_norm_(b.parameters(), 1e9)
-    assert torch.allclose(norm_a, norm_b, rtol=1e-12)
+    assert torch.allclose(norm_a, norm_b, rtol=1e-12) and len(alive) == 2  # the gradient hook lives with its optimizer
 
 
 def test_grad_scaler_skips_an_overflowing_step():
