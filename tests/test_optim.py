@@ -430,3 +430,22 @@ def test_triton_params_form_trains_like_the_cpu_kernels(name):
     cpu.eval()
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.allclose(pa, pb, rtol=1e-12, atol=1e-14)
+
+
+def test_parameter_groups_equal_the_model_forms_groups():
+    """Per-group settings (no weight decay on biases) reach the copies exactly as in the model form."""
+    a, b = net(), net()
+
+    def groups(model):
+        return [{"params": [model[0].weight, model[2].weight], "weight_decay": 0.1},
+                {"params": [model[0].bias, model[2].bias], "weight_decay": 0.0, "lr": 5e-3}]  # fmt: skip
+
+    model_form = mkopt.MKOptimizer(torch.optim.AdamW, a, e=3, lr=1e-2, params=groups(a))
+    params_form = mkopt.optim.AdamW(groups(b), lr=1e-2, e=3)
+    data = batches(4)
+    train(a, model_form, data)
+    train(b, params_form, data)
+    assert [g["weight_decay"] for g in params_form.param_groups] == [0.1, 0.0]
+    for i in (0, 2):
+        assert torch.equal(a[i].parametrizations.weight.original, copies_of(params_form, b[i].weight))
+        assert torch.equal(a[i].bias, b[i].bias)
