@@ -80,7 +80,7 @@ def test_sweep_refuses_features_that_standardize_to_nan(tmp_path, bad, message):
         x[::3, 1] = bad  # in the fit split whatever the validation draw
     path = npz(tmp_path / "bad.npz", x, np.arange(40) % 2)
     with pytest.raises(ValueError, match=message):
-        sweep.load_dataset.__wrapped__(f"npz:{path}")
+        sweep.load_dataset(f"npz:{path}")  # uncached per content: each file is read anew
 
 
 def test_labels_without_class_zero_warn(tmp_path):
@@ -139,8 +139,9 @@ def test_finished_runs_are_keyed_by_the_datas_content_not_its_path(tmp_path, cap
     assert (tmp_path / "runs" / "npz-my-data").is_dir()
     sweep.run_sweep(config, tmp_path / "runs", progress=True)  # same content: reused, and said so
     assert "reused 1 finished run from" in capsys.readouterr().out
+    before = sweep.load_dataset(f"npz:{data}")[0].x.clone()
     tiny_npz(data, 1)  # the same path now holds other data
-    sweep.load_dataset.cache_clear()
+    assert not torch.equal(sweep.load_dataset(f"npz:{data}")[0].x, before)  # the loader's cache is keyed by content
     with pytest.raises(StaleResultError, match=r"was made from other data .* its number would be stale"):
         sweep.run_sweep(config, tmp_path / "runs", progress=False)
 

@@ -1,6 +1,7 @@
 """The Table-1 harness on generated data: methods, resumable sweep, report."""
 
 
+import math
 import pytest
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,43 @@ def test_tiny_sweep_produces_a_table_and_resumes_without_recomputing(tmp_path):
     again = CountingLauncher()
     run_sweep(config, tmp_path, again, progress=False)
     assert sorted(again.ran) == sorted(s.run_id for s in lost)
+
+
+def test_a_finished_store_without_member_weights_rebuilds_without_training(tmp_path):
+    """Member weights are not committed: a finished sweep's table is rebuilt from the run files alone."""
+    import shutil
+
+    config = SweepConfig(**TINY)
+    run_sweep(config, tmp_path, CountingLauncher(), progress=False)
+    shutil.rmtree(tmp_path / "models")
+    again = CountingLauncher()
+    run_sweep(config, tmp_path, again, progress=False)
+    assert again.ran == []
+
+
+def test_run_ids_name_the_protocol_and_the_ascent_step():
+    """Results of the older protocol (short-budget ensembles, fan-in-e*m subset, eps=100 Adv-MK) never match."""
+    from mkopt.adversarial import DEFAULT_ADVERSARIAL_EPS
+    from mkopt.experiments.sweep import PROTOCOL
+
+    config = SweepConfig(**TINY)
+    assert config.spec("adv-mk", "A1", "adam", 1e-3, 0).option("eps") == DEFAULT_ADVERSARIAL_EPS
+    for method in ("subset", "ensemble", "distilled"):
+        assert config.spec(method, "A1", "adam", 1e-3, 0).option("protocol") == PROTOCOL
+    assert config.spec("ensemble", "A1", "adam", 1e-3, 0).option("members") == "baseline-long"
+    assert SweepConfig(**TINY, budget="short").spec("ensemble", "A1", "adam", 1e-3, 0).option("members") == "baseline"
+    assert config.spec("baseline", "A1", "adam", 1e-3, 0).options == ()  # unchanged ids where nothing changed
+
+
+def test_a_diverged_mk_run_is_kept_not_raised():
+    from mkopt.experiments import methods
+    from mkopt.experiments.runs import RunSpec
+    from mkopt.experiments.sweep import load_dataset
+
+    fit, val, test, inputs, classes = load_dataset("synthetic")
+    spec = RunSpec("mk", "A1", "sgd", 1e8, 0, 2, "synthetic")
+    result = methods.train(methods.build(spec, inputs, classes, None), spec, fit, val, test)
+    assert result["deployed_parameters"] > 0 and not math.isfinite(result["curves"]["train_loss"][-1])  # kept, diverged
 
 
 def test_ensemble_is_its_baseline_long_members_and_predicts_their_mean(tmp_path):

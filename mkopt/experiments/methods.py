@@ -155,11 +155,15 @@ class MajorityKernels(Plain):
 
     def record_sharpness(self) -> None:
         assert self.sharpness_batch is not None
-        stats = stochastic_sharpness(self.opt, *self.sharpness_batch, draws=self.SHARPNESS_DRAWS, seed=0)
+        if not all(bool(torch.isfinite(copies).all()) for _, copies in self.opt.named_copies()):
+            nan = float("nan")  # a diverged run is kept (lr selection skips it); its sharpness is undefined
+            stats = {"sharpness": nan, "loss_mean_weights": nan, "loss_sampled": nan}
+        else:
+            stats = stochastic_sharpness(self.opt, *self.sharpness_batch, draws=self.SHARPNESS_DRAWS, seed=0)
         self.sharpness_trace.append({"step": float(self.steps), **stats})
 
     def parameters_deployed(self):
-        return sum(p.numel() for p in mkopt.deploy(self.model).parameters())
+        return sum(p.numel() for p in mkopt.deploy(self.model, allow_nonfinite=True).parameters())  # diverged runs too
 
     def records(self) -> dict[str, Any]:
         if self.sharpness_batch is not None:

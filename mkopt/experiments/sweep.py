@@ -28,6 +28,7 @@ from ..data import Split, load_cifar10, load_fashion_mnist, load_npz, validation
 from ..errors import DataError
 from . import datasets, methods
 from ..launch import InlineLauncher, Launcher
+from ..adversarial import DEFAULT_ADVERSARIAL_EPS
 from .runs import ResultStore, RunSpec, commit_of_tree
 
 # Epoch budget per method. The paper's (section 5.2, budget="paper"): BASELINE trains BASE epochs;
@@ -39,6 +40,10 @@ BASE_EPOCHS = 5
 LONG_EPOCHS = 10
 BUDGETS = ("paper", "short")
 SHORT_IN_ABLATION = ("ensemble", "distilled", "subset")
+# Version of the methods whose definition changed with section 5.2 / Algorithm D.1 (ensembles of baseline-long
+# members, KD from them, subset with fan-in m): part of their run ids, so results of the older protocol are never reused.
+PROTOCOL = 2
+PROTOCOL_METHODS = ("subset", "ensemble", "distilled")
 
 
 @dataclass
@@ -74,11 +79,20 @@ class SweepConfig:
         return methods.member_specs(ensemble, self.member_method)
 
     def spec(self, method: str, arch: str, optimizer: str, lr: float, seed: int) -> RunSpec:
-        options = (("init", self.mk_init),) if method in ("mk", "adv-mk") and self.mk_init != "replicate" else ()
-        return RunSpec(method, arch, optimizer, lr, seed, self.epochs(method), self.dataset, self.batch, self.e, options)
+        """The run of one cell; its options name every setting that changes the result beyond the fields (so a
+        result made under other settings, e.g. an older protocol, never has this run's id)."""
+        options: list[tuple[str, Any]] = []
+        if method in ("mk", "adv-mk") and self.mk_init != "replicate":
+            options.append(("init", self.mk_init))
+        if method == "adv-mk":
+            options.append(("eps", DEFAULT_ADVERSARIAL_EPS))
+        if method in PROTOCOL_METHODS:
+            options.append(("protocol", PROTOCOL))
+        if method == "ensemble":
+            options.append(("members", self.member_method))
+        return RunSpec(method, arch, optimizer, lr, seed, self.epochs(method), self.dataset, self.batch, self.e, tuple(sorted(options)))
 
 
-@functools.lru_cache(maxsize=4)
 def load_dataset(name: str) -> tuple[Split, Split, Split, int, int]:
     """(fit, validation, test, input features, classes); standardized with the fit split's statistics.
 
@@ -87,6 +101,15 @@ def load_dataset(name: str) -> tuple[Split, Split, Split, int, int]:
     (one clear message, no traceback on the command line).
     """
     datasets.check_name(name)
+    try:
+        content = datasets.fingerprint(name)  # the cache key: a replaced file is read again
+    except (OSError, DataError):
+        content = ""  # missing or unreadable: the reader below says which file and what to do
+    return _load_cached(name, content)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(name: str, sha256: str) -> tuple[Split, Split, Split, int, int]:
     try:
         return _load_dataset(name)
     except DataError:
@@ -218,7 +241,7 @@ def run_sweep(config: SweepConfig, root: str | os.PathLike, launcher: Launcher |
         unique = list(dict.fromkeys(specs))
         jobs = [job(spec) for spec in unique if not done(spec, weights)]
         reused.update(spec for spec in unique if spec not in ran and done(spec, weights))
-        bar = _progress(len(jobs), label) if progress else None
+        bar = _progress(len(jobs), label) if progress and jobs else None
         for (spec, _, _), result in launcher.run(execute, jobs):
             store.write(spec, {**result, "provenance": provenance})
             ran.add(spec)
@@ -233,18 +256,32 @@ def run_sweep(config: SweepConfig, root: str | os.PathLike, launcher: Launcher |
 
     cells = [(a, o) for a in config.archs for o in config.optimizers]
     grid = lambda chosen: [config.spec(m, a, o, lr, first_seed) for m in chosen for a, o in cells for lr in config.lrs[o]]  # noqa: E731
+    def pending_members(ensemble_specs: list[RunSpec], distilled_specs: list[RunSpec] = ()) -> list[RunSpec]:
+        """The members whose weights something still needs: unfinished ensembles, and the teachers of unfinished
+        distilled runs (weights are not committed: a finished store rebuilds its table without retraining them)."""
+        needed = [spec for spec in ensemble_specs if not done(spec)]
+        needed += [teacher_of(spec) for spec in distilled_specs if not done(spec)]
+        return members_of(needed)
+
+    def teacher_of(spec: RunSpec) -> RunSpec:
+        return config.spec("ensemble", spec.arch, spec.optimizer, ensemble_lr(spec.arch, spec.optimizer), spec.seed)
+
     run(grid(single), "lr grid")
     if ensembles:
-        run(members_of(grid(("ensemble",))), "lr grid (ensemble members)", weights=True)
+        run(members_of([s for s in grid(("ensemble",)) if not done(s)]), "lr grid (ensemble members)", weights=True)
         run(grid(("ensemble",)), "lr grid (ensembles)")
     if "distilled" in config.methods:
+        run(pending_members([], grid(("distilled",))), "lr grid (teacher members)", weights=True)
         run(grid(("distilled",)), "lr grid (distilled)")
     seeded = [config.spec(m, a, o, select_lr(store, config, m, a, o, first_seed), s) for m in config.methods for a, o in cells for s in other_seeds]
     if ensembles:  # the teachers of the distilled seeds too, even when "ensemble" itself is not reported
         teachers = [config.spec("ensemble", a, o, ensemble_lr(a, o), s) for a, o in cells for s in other_seeds]
-        run(members_of(teachers), "seeds (ensemble members)", weights=True)
-        run([t for t in teachers if "ensemble" in config.methods], "seeds (ensembles)")
+        reported = [t for t in teachers if "ensemble" in config.methods]
+        distilled = [s for s in seeded if s.method == "distilled"]
+        run(pending_members(reported, distilled), "seeds (ensemble members)", weights=True)
+        run(reported, "seeds (ensembles)")
     run([s for s in seeded if s.method != "ensemble"], "seeds at the selected lr")
+    reused -= ran  # a member reused for its result, then retrained for its missing weights
     if progress and reused:
         print(f"reused {len(reused)} finished run{'s' if len(reused) != 1 else ''} from {root}")
     return store

@@ -126,11 +126,11 @@ def with_overrides(config: SweepConfig, overrides: list[str]) -> SweepConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = config_for(args)
-    if not args.full:  # the quick job's floor on optimizer steps; an explicit --set still has the last word
-        config = with_min_steps(config, len(load_dataset(config.dataset)[0]), QUICK_MIN_STEPS)
-    config = with_overrides(config, args.set)
-    load_dataset(config.dataset)  # missing or malformed data: one clear error here, before any job starts
+    config = with_overrides(config_for(args), args.set)
+    fit = load_dataset(config.dataset)[0]  # missing or malformed data: one clear error here, before any job starts
+    epochs_set = any(o.split("=", 1)[0].strip() in ("base_epochs", "long_epochs") for o in args.set)
+    if not args.full and not epochs_set:  # the quick job's floor on optimizer steps (for the final batch and data)
+        config = with_min_steps(config, len(fit), QUICK_MIN_STEPS)
     runs = args.runs or datasets.default_runs_folder(config.dataset, args.full)
     out = args.out or runs
     launcher = make_launcher(args)
