@@ -251,9 +251,21 @@ class MKTrainerCallback(TrainerCallback):
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(stats)
 
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """A checkpoint saved at this step holds the mean (Trainer calls ``optimizer.train()`` before the next step;
+        resuming restores the training weights from the optimizer state)."""
+        if isinstance(self._optimizer, MKParamOptimizer) and _saves_at(args, state.global_step):
+            self._optimizer.eval()
+
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if isinstance(self._optimizer, MKParamOptimizer):
             self._optimizer.eval()  # save_model() now writes the mean: the deployable weights
+
+
+def _saves_at(args: Any, step: int) -> bool:
+    """Whether Trainer saves a checkpoint after ``step`` (the step-based strategy; epoch ends are rarer)."""
+    strategy = str(getattr(args.save_strategy, "value", args.save_strategy))
+    return strategy == "steps" and bool(args.save_steps) and step % int(args.save_steps) == 0
 
 
 def _check_device(mk: MKOptimizer) -> None:

@@ -88,8 +88,9 @@ class MKCallback(pl.Callback):
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
-        if step == 0 or step % self.log_every_n_steps != 0:
-            return
+        if step == 0 or step % self.log_every_n_steps != 0 or step == getattr(self, "_logged_step", None):
+            return  # (micro-batches of one accumulated step share its global_step: log once)
+        self._logged_step = step
         for index, optimizer in enumerate(mk_optimizers(trainer)):
             prefix = "mk/" if index == 0 else f"mk{index}/"
             stats = loggable(optimizer, prefix=prefix, per_tensor=self.per_tensor)
@@ -108,6 +109,17 @@ class MKCallback(pl.Callback):
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         for optimizer in mk_optimizers(trainer):  # e.g. after a sanity check or a validation run
             optimizer.train()
+
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        """The checkpoint's weights are the mean of the copies (the model that was validated and would ship);
+        resuming restores the training weights from the optimizer state, which carries the copies."""
+        names = {id(param): name for name, param in pl_module.named_parameters()}
+        weights = checkpoint.get("state_dict", {})
+        for optimizer in mk_optimizers(trainer):
+            if isinstance(optimizer, MKParamOptimizer):
+                for name, mean in optimizer.mean_weights(names).items():
+                    if name in weights:
+                        weights[name] = mean
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         for optimizer in mk_optimizers(trainer):

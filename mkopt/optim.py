@@ -37,7 +37,9 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import math
+import warnings
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
@@ -139,6 +141,20 @@ class MKParamOptimizer(torch.optim.Optimizer):
             )
         groups = _as_groups(params)
         chosen = _choose_targets(groups, targets)
+        if not chosen:
+            raise ValueError(
+                "no parameter qualifies as an MK target (default: trainable floating tensors with ndim >= 2), so this "
+                "would be plain training: pass targets= (a predicate or the tensors), or, under FSDP, wrap with "
+                "use_orig_params=True (flattened 1-D parameters hide the kernels)"
+            )
+        for param in chosen:
+            param_ref, owner = _OWNERS.get(id(param), (lambda: None, lambda: None))
+            if param_ref() is param and owner() is not None:
+                raise ValueError(
+                    f"a parameter of shape {tuple(param.shape)} already belongs to a live mkopt optimizer: two would scale "
+                    "its gradient twice and both rewrite it. Delete the old optimizer first (del opt), or build one over "
+                    "all the parameters"
+                )
         self.probabilities = probabilities
         self.lr_compensation = bool(lr_compensation)
         self.grad_scale = float(e) if lr_compensation else 1.0
@@ -177,6 +193,9 @@ class MKParamOptimizer(torch.optim.Optimizer):
             self._fused = FusedUpdate(self.sampler, kernels, self.optimizer, self.mode)
         this = weakref.ref(self)
         self._hooks = [p.register_hook(_GradientScale(this, id(p))) for p in chosen]
+        for param in chosen:
+            _OWNERS[id(param)] = (weakref.ref(param), this)
+        weakref.finalize(self, _release, list(self._hooks))
         self._write_weights()
 
     # -- properties -------------------------------------------------------------------------
@@ -207,6 +226,12 @@ class MKParamOptimizer(torch.optim.Optimizer):
         """``(name, [e, *shape] copies)`` of every target (names: ``group.index``)."""
         return [(self._name(p), self._copies[id(p)]) for p in self._targets]
 
+    @torch.no_grad()
+    def mean_weights(self, names: dict[int, str]) -> dict[str, torch.Tensor]:
+        """``{name: mean of the copies}`` for every target named in ``names`` (``id(param) -> name``): what a
+        checkpoint of the deployable model holds, whatever the parameters hold now."""
+        return {names[id(p)]: mean_of_copies(self._copies[id(p)]).to(p.dtype).clone() for p in self._targets if id(p) in names}
+
     def trained_parameters(self) -> int:
         """How many values are trained: ``e`` copies of every target plus every other parameter.
 
@@ -217,6 +242,10 @@ class MKParamOptimizer(torch.optim.Optimizer):
         """
         targets = {id(p) for p in self._targets}
         return sum(p.numel() * (self.e if id(p) in targets else 1) for g in self.param_groups for p in g["params"])
+
+    def _index(self, param: torch.Tensor) -> int:
+        """``param``'s key in :meth:`state_dict` (its position over all groups)."""
+        return next(i for i, p in enumerate(p for g in self.param_groups for p in g["params"]) if p is param)
 
     def _name(self, param: torch.Tensor) -> str:
         for g, group in enumerate(self.param_groups):
@@ -233,16 +262,45 @@ class MKParamOptimizer(torch.optim.Optimizer):
         if mean:  # exactly what mkopt.deploy ships for the model form
             for param in self._targets:
                 param.copy_(mean_of_copies(self._copies[id(param)]))
-            return
-        if self._fused is not None:  # the kernels' own mix: the bits the last step wrote
+        elif self._fused is not None:  # the kernels' own mix: the bits the last step wrote
             self._fused.write_weights()
+        else:
+            for param in self._targets:
+                copies = self._copies[id(param)]
+                if self.mode.uniform:
+                    param.copy_(mean_of_copies(copies))
+                else:
+                    param.copy_((self._slots[id(param)].current().to(copies.dtype) * copies).sum(0))
+        self._record_versions()
+
+    def _record_versions(self) -> None:
+        """Remember each target's version counter: a later change means someone else wrote the weight."""
+        self._versions = {id(p): (p._version, placement(p)) for p in self._targets}
+
+    @torch.no_grad()
+    def _adopt_external_writes(self) -> None:
+        """Weights written outside the optimizer (``model.load_state_dict`` after building it, DDP's broadcast of
+        rank 0's weights): before the first step the copies re-replicate them; later the next step would overwrite
+        them, which is said once."""
+        written = [p for p in self._targets if self._versions.get(id(p), (None, None)) != (p._version, placement(p))
+                   and self._versions.get(id(p), (None, None))[1] == placement(p)]  # fmt: skip
+        if not written:
             return
-        for param in self._targets:
-            copies = self._copies[id(param)]
-            if self.mode.uniform:
-                param.copy_(mean_of_copies(copies))
-            else:
-                param.copy_((self._slots[id(param)].current().to(copies.dtype) * copies).sum(0))
+        if self.mk_step == 0 and not any("copies" in self.state.get(p, {}) for p in self._targets):
+            for param in written:
+                self._copies[id(param)].copy_(param.detach().unsqueeze(0).expand_as(self._copies[id(param)]))
+            self._write_weights()
+            return
+        if not getattr(self, "_warned_external", False):
+            self._warned_external = True
+            warnings.warn(
+                f"{len(written)} MK target(s) were written outside the optimizer after training started; the next step "
+                "rewrites them from the copies. Load weights with opt.load_state_dict (it carries the copies), or "
+                "before building the optimizer",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        self._record_versions()
 
     def eval(self) -> None:
         """Make every target hold the plain mean of its copies: evaluate, save or deploy the model as is.
@@ -251,6 +309,7 @@ class MKParamOptimizer(torch.optim.Optimizer):
         ``Trainer`` calls it around evaluation (the schedule-free optimizers' convention).
         """
         if not self._evaluating:
+            self._adopt_external_writes()
             self._write_weights(mean=True)
             self._evaluating = True
 
@@ -270,6 +329,7 @@ class MKParamOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._follow_moves()
+        self._adopt_external_writes()
         self._publish_copies()
         self._sync_hyperparameters()
         if self._fused is not None:
@@ -279,6 +339,8 @@ class MKParamOptimizer(torch.optim.Optimizer):
         self.sampler.draw(self.mk_step + 1)
         if self._fused is None:
             self._write_weights()
+        else:
+            self._record_versions()  # the kernels wrote W through its storage
         return loss
 
     @torch.no_grad()
@@ -393,6 +455,8 @@ class MKParamOptimizer(torch.optim.Optimizer):
             )
         if mk["e"] != self.e:
             raise ValueError(f"state_dict was saved with e={mk['e']} but this optimizer has e={self.e}")
+        if bool(mk.get("lr_compensation", False)) != self.lr_compensation:
+            raise ValueError(f"state_dict was saved with lr_compensation={mk.get('lr_compensation')}, this optimizer has {self.lr_compensation}")
         if mk.get("probabilities", "dirichlet") != self.probabilities:
             raise ValueError(f"state_dict was saved with probabilities={mk['probabilities']!r}, this optimizer uses {self.probabilities!r}")
         state_dict = {**state_dict, "param_groups": [{k: v for k, v in g.items() if k != STATE_KEY} for g in state_dict["param_groups"]]}
@@ -437,6 +501,16 @@ class MKParamOptimizer(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"mkopt.optim.{type(self).__name__}(e={self.e}, path={self.path!r}, step={self.mk_step}, optimizer={self.optimizer!r})"
+
+
+# id(param) -> (the param, its MK optimizer), both weak (tensors compare elementwise: no WeakKeyDictionary)
+_OWNERS: dict[int, tuple[Any, Any]] = {}
+
+
+def _release(hooks: list[Any]) -> None:
+    """The optimizer is gone: its parameters are ordinary parameters again."""
+    for hook in hooks:
+        hook.remove()
 
 
 class _ParameterGroups(torch.optim.Optimizer):
@@ -525,6 +599,12 @@ def wrap(optimizer_cls: type[torch.optim.Optimizer]) -> type[MKParamOptimizer]:
         ('generic', 'RMSprop')
     """
     _check_optimizer_cls(optimizer_cls)
+    closure = inspect.signature(optimizer_cls.step).parameters.get("closure")
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        raise ValueError(
+            f"{optimizer_cls.__name__}.step needs a closure (it re-evaluates the loss, e.g. LBFGS): MK changes the weights "
+            "between evaluations, which such an optimizer cannot see; use a first-order optimizer"
+        )
     if optimizer_cls not in _WRAPPED:
         name = optimizer_cls.__name__
         _WRAPPED[optimizer_cls] = type(name, (MKParamOptimizer,), {

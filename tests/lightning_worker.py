@@ -45,8 +45,9 @@ def fit(out: str, devices: int, global_batch: int = 8, steps: int = 6) -> None:
     module = Classifier()
     trainer = pl.Trainer(
         max_steps=steps, accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
-        logger=pl.loggers.CSVLogger(out), enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[mkopt.lightning.MKCallback(log_every_n_steps=2)],
+        logger=pl.loggers.CSVLogger(out), enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[mkopt.lightning.MKCallback(log_every_n_steps=2),
+                   pl.callbacks.ModelCheckpoint(dirpath=f"{out}/ckpt", every_n_train_steps=3, save_top_k=-1)],
         limit_val_batches=1, val_check_interval=3, num_sanity_val_steps=0, use_distributed_sampler=False,
     )  # fmt: skip
     trainer.fit(module, loader, torch.utils.data.DataLoader(data(16), batch_size=8))

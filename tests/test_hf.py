@@ -302,7 +302,7 @@ def test_trainer_builds_mkopt_optim_itself_evaluates_the_mean_and_saves_a_plain_
     torch.manual_seed(0)
     bert = BertForSequenceClassification(tiny_bert_config())
     args = TrainingArguments(str(tmp_path), max_steps=4, per_device_train_batch_size=8, per_device_eval_batch_size=8,
-                             logging_steps=2, report_to=[], use_cpu=True, save_strategy="no", seed=0,
+                             logging_steps=2, report_to=[], use_cpu=True, save_strategy="steps", save_steps=2, seed=0,
                              disable_tqdm=True)  # fmt: skip
     trainer = Trainer(model=bert, args=args, train_dataset=Sentences(), eval_dataset=Sentences(16, seed=1),
                       optimizer_cls_and_kwargs=(mkopt.optim.AdamW, {"lr": 1e-2, "e": 3}))  # fmt: skip
@@ -316,6 +316,11 @@ def test_trainer_builds_mkopt_optim_itself_evaluates_the_mean_and_saves_a_plain_
     word = bert.bert.embeddings.word_embeddings.weight
     copies = dict(opt.named_copies())[opt._name(word)]
     assert torch.equal(word, copies.mean(0))  # training ended at the mean
+    from safetensors.torch import load_file  # a mid-training checkpoint holds the mean too
+
+    saved = load_file(str(tmp_path / "checkpoint-2" / "model.safetensors"))["bert.embeddings.word_embeddings.weight"]
+    saved_copies = torch.load(tmp_path / "checkpoint-2" / "optimizer.pt", weights_only=False)["state"][opt._index(word)]["copies"]
+    assert torch.equal(saved, saved_copies.mean(0)) and not torch.equal(saved, copies.mean(0))
     evaluated = trainer.evaluate()["eval_loss"]
     data = Sentences(16, seed=1)
     bert.eval()

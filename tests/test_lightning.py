@@ -38,7 +38,12 @@ def test_lightning_fit_equals_the_plain_loop_and_logs_diagnostics(tmp_path):
     for got, want in zip(result["params"], module.parameters()):
         assert torch.equal(got, want)
     assert result["metrics"]["mk/spread"] > 0 and result["metrics"]["mk/collapsed"] == 0.0
-    assert "val_loss" in result["metrics"]
+    x, y = lightning_worker.data(16)[:8]  # the last validation ran on the fitted model's mean
+    with torch.no_grad():
+        assert result["metrics"]["val_loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(module.net(x), y)), rel=1e-6)
+    ckpt = torch.load(sorted((tmp_path / "ckpt").glob("*step=3*.ckpt"))[0], weights_only=False)
+    first = next(s for s in ckpt["optimizer_states"][0]["state"].values() if "copies" in s and s["copies"].shape[1:] == (16, 6))
+    assert torch.equal(ckpt["state_dict"]["net.0.weight"], first["copies"].mean(0))  # mid-training checkpoint: the mean
 
 
 @pytest.mark.slow

@@ -318,9 +318,11 @@ def test_targets_and_refusals():
     frozen.weight.requires_grad_(False)
     opt = mkopt.optim.SGD([*model.parameters(), frozen.weight], lr=0.1, e=2)
     assert [tuple(p.shape) for p in opt.targets()] == [(12, 6), (3, 12)]
+    del opt  # one live MK optimizer per parameter
     only_first = mkopt.optim.SGD(model.parameters(), lr=0.1, e=2, targets=[model[0].weight])
     assert only_first.targets() == [model[0].weight]
-    by_predicate = mkopt.optim.SGD(model.parameters(), lr=0.1, e=2, targets=lambda p: p.dim() == 1)
+    other = net()
+    by_predicate = mkopt.optim.SGD(other.parameters(), lr=0.1, e=2, targets=lambda p: p.dim() == 1)
     assert [tuple(p.shape) for p in by_predicate.targets()] == [(12,), (3,)]
     with pytest.raises(ValueError, match="adversarial modes"):
         mkopt.optim.SGD(model.parameters(), lr=0.1, probabilities="adv-mk")
@@ -449,3 +451,40 @@ def test_parameter_groups_equal_the_model_forms_groups():
     for i in (0, 2):
         assert torch.equal(a[i].parametrizations.weight.original, copies_of(params_form, b[i].weight))
         assert torch.equal(a[i].bias, b[i].bias)
+
+
+def test_weights_loaded_after_building_are_adopted_before_the_first_step():
+    """model.load_state_dict after building the optimizer (and DDP's broadcast): the copies replicate it."""
+    pretrained = net(seed=3).state_dict()
+    model = net()
+    opt = mkopt.optim.SGD(model.parameters(), lr=0.0, e=3)
+    model.load_state_dict(pretrained)
+    train(model, opt, batches(1))
+    opt.eval()
+    for key, value in model.state_dict().items():
+        assert torch.allclose(value, pretrained[key], atol=1e-7), key
+    opt.train()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)  # after training started: said once, then rewritten from the copies
+    with pytest.warns(RuntimeWarning, match="written outside the optimizer after training started"):
+        train(model, opt, batches(1))
+
+
+def test_one_mk_optimizer_per_parameter_and_other_refusals():
+    model = net()
+    opt = mkopt.optim.SGD(model.parameters(), lr=0.1, e=2)
+    with pytest.raises(ValueError, match="already belongs to a live mkopt optimizer"):
+        mkopt.optim.Adam(model.parameters(), lr=0.1, e=2)
+    del opt
+    import gc
+
+    gc.collect()
+    mkopt.optim.Adam(model.parameters(), lr=0.1, e=2)  # the old one is gone: its hooks went with it
+    with pytest.raises(ValueError, match="no parameter qualifies as an MK target"):
+        mkopt.optim.SGD([nn.Parameter(torch.zeros(10))], lr=0.1)
+    with pytest.raises(ValueError, match="needs a closure"):
+        mkopt.optim.wrap(torch.optim.LBFGS)
+    a = net()
+    saved = mkopt.optim.SGD(a.parameters(), lr=0.1, e=2, lr_compensation=True).state_dict()
+    with pytest.raises(ValueError, match="lr_compensation=True"):
+        mkopt.optim.SGD(net().parameters(), lr=0.1, e=2).load_state_dict(saved)
