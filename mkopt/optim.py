@@ -280,27 +280,33 @@ class MKParamOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def _adopt_external_writes(self) -> None:
         """Weights written outside the optimizer (``model.load_state_dict`` after building it, DDP's broadcast of
-        rank 0's weights): before the first step the copies re-replicate them; later the next step would overwrite
-        them, which is said once."""
+        rank 0's weights): before the first step the copies re-replicate them; later the copies win and a write
+        that changed values is said once. Writes of the values the copies already give (a checkpoint loaded with
+        its optimizer state) pass silently."""
         written = [p for p in self._targets if self._versions.get(id(p), (None, None)) != (p._version, placement(p))
                    and self._versions.get(id(p), (None, None))[1] == placement(p)]  # fmt: skip
         if not written:
             return
-        if self.mk_step == 0 and not any("copies" in self.state.get(p, {}) for p in self._targets):
-            for param in written:
-                self._copies[id(param)].copy_(param.detach().unsqueeze(0).expand_as(self._copies[id(param)]))
+        fresh = self.mk_step == 0 and not any("copies" in self.state.get(p, {}) for p in self._targets)
+        outside = {id(p): p.detach().clone() for p in written}
+        self._write_weights()  # what the copies say the weights are now
+        changed = [p for p in written if not torch.equal(outside[id(p)], p)]
+        if not changed:
+            return
+        if fresh:
+            for param in changed:
+                self._copies[id(param)].copy_(outside[id(param)].unsqueeze(0).expand_as(self._copies[id(param)]))
             self._write_weights()
             return
         if not getattr(self, "_warned_external", False):
             self._warned_external = True
             warnings.warn(
-                f"{len(written)} MK target(s) were written outside the optimizer after training started; the next step "
-                "rewrites them from the copies. Load weights with opt.load_state_dict (it carries the copies), or "
-                "before building the optimizer",
+                f"{len(changed)} MK target(s) were written outside the optimizer after training started; the copies "
+                "hold the training state, so the weights were rewritten from them. Load weights with opt.load_state_dict "
+                "(it carries the copies), or before building the optimizer",
                 RuntimeWarning,
                 stacklevel=3,
             )
-        self._record_versions()
 
     def eval(self) -> None:
         """Make every target hold the plain mean of its copies: evaluate, save or deploy the model as is.
