@@ -574,7 +574,7 @@ class Training:
             "method": cfg["method"], "seed": cfg["seed"], "epochs": self.progress["epoch"], "steps": self.progress["step"],
             "final": self.history[-1] if self.history else {}, "deployed": str(self.out / "model_deployed.pt"),
             "parameters_deployed": sum(p.numel() for p in check.parameters()), "world_size": ctx.world_size,
-            "mk": {k: cfg["mk"][k] for k in ("e", "probabilities", "lr_compensation")} if cfg["method"] == "mk" else None,
+            "mk": {k: cfg["mk"][k] for k in ("e", "probabilities", "lr_compensation", "adversarial_eps")} if cfg["method"] == "mk" else None,
         }  # fmt: skip
         if ctx.is_main:
             atomic_save(state, self.out / "model_deployed.pt")
