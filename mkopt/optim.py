@@ -51,12 +51,11 @@ from .follow import follow_parameters, placement
 from .expand import _check_e
 from .fused_step import FusedKernel, FusedUpdate, fused_path_blocker, scale_grad_op
 from .modes import probability_mode
-from .optimizer import PATHS, _STATE_VERSION, _check_optimizer_cls, resolve_path
+from .optimizer import PATHS, _STATE_VERSION, _check_optimizer_cls, resolve_path, split_mk_state, with_mk_state
 from .parametrization import mean_of_copies
 from .sampling import DirichletSampler, ProbabilitySlot
 
 TargetChoice = Callable[[torch.Tensor], bool] | Iterable[torch.Tensor] | None
-STATE_KEY = "mkopt"  # MK's own state: a top-level key, and a copy in every saved param group (DCP keeps only those)
 
 
 def is_default_target(param: torch.Tensor) -> bool:
@@ -439,11 +438,7 @@ class MKParamOptimizer(torch.optim.Optimizer):
             inner = self._inner.state_dict()["state"]
             for index, entry in inner.items():
                 saved["state"].setdefault(index, {}).update(entry)
-        mk = self._mk_state()
-        for group in saved["param_groups"]:
-            group[STATE_KEY] = dict(mk)
-        saved[STATE_KEY] = mk
-        return saved
+        return with_mk_state(saved, self._mk_state())
 
     def _mk_state(self) -> dict[str, Any]:
         return {
@@ -453,20 +448,13 @@ class MKParamOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` (from either path); the next step continues bit for bit."""
-        mk = state_dict.get(STATE_KEY) or next((g.get(STATE_KEY) for g in state_dict.get("param_groups", []) if STATE_KEY in g), None)
-        if mk is None:
-            raise ValueError(
-                "not an mkopt.optim state_dict (no 'mkopt' entry): a plain optimizer's state refers to one weight per "
-                "kernel, not e copies; start MK from the weights instead (the copies replicate them)"
-            )
+        mk, state_dict = split_mk_state(state_dict)
         if mk["e"] != self.e:
             raise ValueError(f"state_dict was saved with e={mk['e']} but this optimizer has e={self.e}")
         if bool(mk.get("lr_compensation", False)) != self.lr_compensation:
             raise ValueError(f"state_dict was saved with lr_compensation={mk.get('lr_compensation')}, this optimizer has {self.lr_compensation}")
         if mk.get("probabilities", "dirichlet") != self.probabilities:
             raise ValueError(f"state_dict was saved with probabilities={mk['probabilities']!r}, this optimizer uses {self.probabilities!r}")
-        state_dict = {**state_dict, "param_groups": [{k: v for k, v in g.items() if k != STATE_KEY} for g in state_dict["param_groups"]]}
-        state_dict.pop(STATE_KEY, None)
         targets = {id(p) for p in self._targets}
         order = [p for g in self.param_groups for p in g["params"]]
         saved_keys = [k for g in state_dict["param_groups"] for k in g["params"]]  # ints, or DCP's parameter names

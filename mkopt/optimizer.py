@@ -484,10 +484,7 @@ class MKOptimizer(torch.optim.Optimizer):
             "lr_compensation": self.lr_compensation,
             "path": self.path,  # informative: either path loads the other's state
         }
-        for group in saved["param_groups"]:
-            group[STATE_KEY] = dict(mk)
-        saved[STATE_KEY] = mk
-        return saved
+        return with_mk_state(saved, mk)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` (either path's; also the older ``{"optimizer", "mkopt"}`` layout);
@@ -531,6 +528,20 @@ class MKOptimizer(torch.optim.Optimizer):
         )
 
 
+def with_mk_state(saved: dict[str, Any], mk: dict[str, Any]) -> dict[str, Any]:
+    """``saved`` (a torch optimizer ``state_dict``) with MK's own state under ``"mkopt"``, at the top and
+    in every param group: ``torch.distributed.checkpoint`` keeps only ``state`` and ``param_groups``.
+
+    Example:
+        >>> with_mk_state({"state": {}, "param_groups": [{"params": [0]}]}, {"step": 4})
+        {'state': {}, 'param_groups': [{'params': [0], 'mkopt': {'step': 4}}], 'mkopt': {'step': 4}}
+    """
+    for group in saved["param_groups"]:
+        group[STATE_KEY] = dict(mk)
+    saved[STATE_KEY] = mk
+    return saved
+
+
 def split_mk_state(state_dict: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(MK's own state, the torch optimizer's state_dict)`` from an mkopt optimizer ``state_dict``.
 
@@ -553,7 +564,7 @@ def split_mk_state(state_dict: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     if mk is None:
         raise ValueError(
             "not an MKOptimizer state_dict (it has no 'mkopt' entry): a plain torch optimizer saved it, whose moments "
-            "refer to the unexpanded tensors; start MK from the model's weights instead"
+            "refer to the unexpanded tensors, not e copies; start MK from the model's weights instead"
         )
     groups = [{k: v for k, v in group.items() if k != STATE_KEY} for group in state_dict["param_groups"]]
     return mk, {**{k: v for k, v in state_dict.items() if k != STATE_KEY}, "param_groups": groups}
