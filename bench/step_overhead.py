@@ -6,7 +6,9 @@ For each configuration every variant below is built on the same architecture and
 interleaved blocks (baseline block, then one block of each other variant, repeated), so machine noise
 hits all alike; a ratio is the median over blocks of variant time / baseline time in the same block.
 
-- "fused": ``MKOptimizer(..., path="fused")``, the headline column; "generic": ``path="generic"``.
+- "fused": ``MKOptimizer(..., path="fused")``, the headline column; "generic": ``path="generic"``;
+  "params": the params form, ``mkopt.optim.Adam(model.parameters(), e=e, ...)`` (same fused kernels,
+  no parametrization in the forward: the model's own weight is the mixed kernel).
   While the installed mkopt has no ``path`` keyword, MK is built without it (its only, generic path)
   and the fused variant is left out (a note says so); likewise where the fused path refuses a
   configuration or falls back to the generic one.
@@ -71,9 +73,10 @@ from mkopt.provenance import commit_of_tree
 # The ``path`` keyword is new; until the installed mkopt has it, MK is built without it (generic only).
 MK_HAS_PATH = "path" in inspect.signature(mkopt.MKOptimizer).parameters
 
-TIMED = ("base", "fused", "generic", "floor", "fused-floor")  # column order; "base" first
-MK_VARIANTS = ("fused", "generic")
-LABELS = {"fused": "fused", "generic": "generic", "floor": "floor", "fused-floor": "fused floor"}
+TIMED = ("base", "fused", "params", "generic", "floor", "fused-floor")  # column order; "base" first
+MK_VARIANTS = ("fused", "params", "generic")
+LABELS = {"fused": "fused", "params": "params form", "generic": "generic", "floor": "floor", "fused-floor": "fused floor"}
+PARAMS_FORM = {"adam": "Adam", "adam-fused": "Adam", "adamw": "AdamW", "sgd": "SGD"}  # mkopt.optim's classes
 
 
 @dataclass(frozen=True)
@@ -172,6 +175,16 @@ def build_optimizer(kind: str, model: nn.Module, mk_e: int | None, mode: str = "
     return opt
 
 
+def build_params_form(kind: str, model: nn.Module, e: int, mode: str):
+    """MK's params form over ``model.parameters()`` (fused kernels; no parametrization), or
+    :class:`FusedUnavailable` where mkopt has no such form or it does not take this configuration."""
+    if mode != "dirichlet" or not hasattr(mkopt, "optim"):
+        raise FusedUnavailable(f"no params form for p={mode!r}" if hasattr(mkopt, "optim") else "the installed mkopt has no mkopt.optim")
+    cls = getattr(mkopt.optim, PARAMS_FORM[kind])
+    kwargs = {k: v for k, v in OPTIMIZERS[kind][1].items() if k != "fused"}  # torch's fused flag: the baseline's
+    return cls(model.parameters(), e=e, **kwargs)
+
+
 def expandable(model: nn.Module) -> list[nn.Parameter]:
     """The tensors MK expands by default: floating parameters with ndim >= 2."""
     return [w for w in model.parameters() if w.is_floating_point() and w.dim() >= 2]
@@ -256,7 +269,7 @@ class FusedTrafficFloor:
 
 
 def setup(config: Config, variant: str | bool, device: str):
-    """``variant``: "base" (or False), "fused", "generic", "mk" (or True: MK with mkopt's default path),
+    """``variant``: "base" (or False), "fused", "params", "generic", "mk" (or True: MK with mkopt's default path),
     "floor" (:class:`CopiesWithoutMixing`) or "fused-floor" (:class:`FusedTrafficFloor`)."""
     variant = {False: "base", True: "mk"}.get(variant, variant)
     torch.manual_seed(0)
@@ -269,6 +282,8 @@ def setup(config: Config, variant: str | bool, device: str):
         opt = FusedTrafficFloor(config.optimizer, model, config.e, config.fused_floor)
     elif variant == "base":
         opt = build_optimizer(config.optimizer, model, None)
+    elif variant == "params":
+        opt = build_params_form(config.optimizer, model, config.e, config.mode)
     else:
         path = {"fused": "fused", "generic": "generic", "mk": None}[variant]
         opt = build_optimizer(config.optimizer, model, config.e, config.mode, path)
@@ -541,7 +556,7 @@ def _row_key(config: Config) -> tuple:
 def timing_cells(t: dict[str, Any] | None) -> list[str]:
     """base/fused/generic ms, then the four ratios (fused bold: the headline)."""
     if t is None:
-        return ["-"] * 7
+        return ["-"] * (len(MK_VARIANTS) + len(TIMED))
     ms = [f"{t['ms'][v]:.1f}" if v in t["ms"] else "-" for v in ("base", *MK_VARIANTS)]
     ratios = [f"{t['ratio'][v]:.2f}x" if v in t["ratio"] else "-" for v in TIMED[1:]]
     if ratios[0] != "-":
@@ -551,7 +566,7 @@ def timing_cells(t: dict[str, Any] | None) -> list[str]:
 
 def memory_cells(live: dict[str, int] | None) -> list[str]:
     if live is None:
-        return ["-"] * 5
+        return ["-"] * (1 + 2 * len(MK_VARIANTS))
     mib = [f"{live[v] / 2**20:.1f}" if v in live else "-" for v in ("base", *MK_VARIANTS)]
     return mib + [f"{live[v] / live['base']:.2f}x" if v in live else "-" for v in MK_VARIANTS]
 
@@ -601,7 +616,7 @@ def main() -> None:
         f"command: `python bench/step_overhead.py {' '.join(sys.argv[1:])}`  ",
         f"commit: {commit}, torch {torch.__version__}, device: {args.device} ({machine}), "
         f"{blocks} interleaved blocks x up to {steps} steps (about {args.block_seconds:g} s of baseline per block at most), median ratio  ",
-        "variants: fused = MKOptimizer(path='fused') (**headline**), generic = path='generic', floor = plain model + e - 1 "
+        "variants: fused = MKOptimizer(path='fused') (**headline**), params form = mkopt.optim.<Adam|AdamW|SGD>(model.parameters(), e=e), generic = path='generic', floor = plain model + e - 1 "
         f"stepped gradient copies, fused floor = plain model + streaming of the fused update's words ({args.fused_floor}); "
         "live-tensor peak = most tensor bytes alive at once (build + 3 steps); RSS = earlier method, MK on mkopt's "
         "default path; met = MK fused (else generic) under the default malloc against the target",
@@ -610,9 +625,10 @@ def main() -> None:
     ]
     columns = ["model", "optimizer", "batch", "e", "p", "target", "met", "steps/block"]
     for suffix in ("", " (retained)") if args.device == "cpu" else ("",):
-        columns += [f"base ms/step{suffix}", f"fused ms/step{suffix}", f"generic ms/step{suffix}"]
+        columns += [f"{LABELS.get(v, v)} ms/step{suffix}" for v in ("base", *MK_VARIANTS)]
         columns += [f"{LABELS[v]} ratio{suffix}" for v in TIMED[1:]]
-    columns += ["base live MiB", "fused live MiB", "generic live MiB", "live-tensor peak ratio (fused)", "live-tensor peak ratio (generic)"]
+    columns += [f"{LABELS.get(v, v)} live MiB" for v in ("base", *MK_VARIANTS)]
+    columns += [f"live-tensor peak ratio ({LABELS[v]})" for v in MK_VARIANTS]
     columns += ["RSS peak ratio"] if args.device == "cpu" else []
     header += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     print("\n".join(header), flush=True)
