@@ -4,8 +4,9 @@ adversarial ascent does to ``p`` (appendix B), and Lemma 4.2's stochastic sharpn
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -43,10 +44,12 @@ def copy_spread(opt: Diagnosable, collapse_threshold: float = 1e-4) -> dict[str,
     stats: dict[str, float] = {}
     deviation_total = norm_total = 0.0
     nonfinite: list[str] = []
+    identical = True  # every kernel's copies equal bit for bit (their mean may still differ by rounding)
     for name, copies in opt.named_copies():
         stacked = copies.detach().float()
         if not bool(torch.isfinite(stacked).all()):
             nonfinite.append(name)
+        identical = identical and bool((stacked == stacked[:1]).all())
         mean = stacked.mean(0)
         deviation = torch.linalg.vector_norm((stacked - mean).flatten(1), dim=1).mean()
         norm = torch.linalg.vector_norm(mean)
@@ -64,7 +67,8 @@ def copy_spread(opt: Diagnosable, collapse_threshold: float = 1e-4) -> dict[str,
         )
     if opt.last_p_entropy is not None:
         stats["p_entropy"] = opt.last_p_entropy
-    collapsed = opt.mk_step > 0 and stats["spread"] < collapse_threshold
+    separating = _separating(opt, stats["spread"], identical)  # called on every measurement: it records the spread
+    collapsed = opt.mk_step > 0 and stats["spread"] < collapse_threshold and not separating
     stats["collapsed"] = float(collapsed)
     if collapsed:
         warnings.warn(
@@ -75,6 +79,22 @@ def copy_spread(opt: Diagnosable, collapse_threshold: float = 1e-4) -> dict[str,
             stacklevel=3,
         )
     return stats
+
+
+_LAST_SPREAD: "weakref.WeakKeyDictionary[Any, float]" = weakref.WeakKeyDictionary()
+
+
+def _separating(opt: Diagnosable, spread: float, identical: bool) -> bool:
+    """Whether copies below the collapse threshold are still moving apart, not merging: a replicated
+    start has spread 0 and grows by about lr * |g| * std(p) per step, which stays under 1e-4 for many
+    steps at a small lr. Identical copies never count (uniform p from replicated copies keeps them
+    so for good); otherwise the spread must have grown since this optimizer's previous measurement, and a
+    first measurement gets the benefit of the doubt (the next one decides)."""
+    previous = _LAST_SPREAD.get(opt)
+    _LAST_SPREAD[opt] = spread
+    if identical:
+        return False
+    return previous is None or spread > previous
 
 
 def loggable(opt: Diagnosable, prefix: str = "mk/", per_tensor: bool = False) -> dict[str, float]:

@@ -457,8 +457,10 @@ class MKOptimizer(torch.optim.Optimizer):
         same over all kernels together; ``p_entropy`` (adversarial modes): mean normalized entropy
         of the last adversarial ``p`` (1 = uniform; estimated on at most 8192 evenly strided elements
         per tensor, weighted by tensor size); ``collapsed``: 1.0 when the copies have become
-        indistinguishable (spread below ``collapse_threshold`` after step 0), which also warns:
-        MK then trains like a single model with a reduced learning rate (Lemma 4.3).
+        indistinguishable (spread below ``collapse_threshold`` after step 0, and exactly 0 or not
+        grown since the previous call: replicated copies start at 0 and move apart slowly at a
+        small lr, which is no collapse), which also warns: MK then trains like a single model with a
+        reduced learning rate (Lemma 4.3).
         """
         return copy_spread(self, collapse_threshold)
 

@@ -1,6 +1,7 @@
 """Adversarial probabilities (B.1, B.2), uniform mode, lr compensation, diagnostics."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -266,3 +267,42 @@ def test_fused_ascent_equals_the_reference_functions(e, randomize, compiled):
     assert estimated_entropy(p, columns=10**6) == pytest.approx(float(normalized_entropy(expected)), rel=1e-12)
     per_element = 1 - divergence_from_uniform(expected).flatten()  # a 300-column subsample: within 5 standard errors
     assert abs(estimated_entropy(p, columns=300) - float(per_element.mean())) < 5 * float(per_element.std()) / 300**0.5
+
+
+def test_collapse_warning_spares_copies_that_are_still_moving_apart():
+    """Replicated copies start with spread 0 and separate by ~lr*|g|*std(p) per step: under the
+    threshold at a small lr, but growing, which is no collapse. Uniform p never separates them
+    (identical copies) and copies that stop moving apart under the threshold still warn."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 20), torch.randint(0, 3, (64,))
+
+    def trained(probabilities: str, steps: int):
+        model = nn.Sequential(nn.Linear(20, 50), nn.ReLU(), nn.Linear(50, 3))
+        opt = mkopt.MKOptimizer(torch.optim.SGD, model, e=3, lr=1e-3, probabilities=probabilities, init="replicate")
+        for _ in range(steps):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        return model, opt
+
+    model, opt = trained("dirichlet", 1)
+    spreads = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", mkopt.KernelCollapseWarning)
+        for _ in range(3):
+            stats = opt.diagnostics()
+            assert 0 < stats["spread"] < 1e-4 and stats["collapsed"] == 0.0
+            spreads.append(stats["spread"])
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    assert spreads == sorted(spreads) and len(set(spreads)) == 3  # growing: separating
+    assert opt.diagnostics(collapse_threshold=1.0)["collapsed"] == 0.0  # below 1.0, but grown since the last call
+    with pytest.warns(mkopt.KernelCollapseWarning, match="collapsed"):  # no step since: not moving apart
+        assert opt.diagnostics(collapse_threshold=1.0)["collapsed"] == 1.0
+    _, uniform = trained("uniform", 3)
+    with pytest.warns(mkopt.KernelCollapseWarning, match="collapsed"):
+        stats = uniform.diagnostics()
+    assert stats["spread"] < 1e-6 and stats["collapsed"] == 1.0
+    copies = uniform.model[0].parametrizations.weight.original
+    assert torch.equal(copies[0], copies[1]) and torch.equal(copies[0], copies[2])
