@@ -38,6 +38,10 @@ def test_tiny_sweep_produces_a_table_and_resumes_without_recomputing(tmp_path):
     assert all(r["provenance"]["commit"] for _, r in store.all())
     text = table(store, config, "pytest")
     assert "| MK (e=3) | A1 |" in text and "(n=2, lr" in text
+    # the runs' own commits, counted: every grid run at seed 0 and every seed at the selected lr
+    read = methods_count * 2 + methods_count  # 2 lrs at seed 0, then seed 1 at the selected lr
+    commits = {r["provenance"]["commit"][:7] for _, r in store.all()}
+    assert f"runs from commits {commits.pop()} ({read} runs)" in text and not commits
     # a killed sweep: two finished runs lost (as if in flight), plus a stray temp file of a dead writer
     lost = [s for s, _ in store.all()][:2]
     for spec in lost:

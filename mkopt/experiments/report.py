@@ -68,13 +68,32 @@ def budget_line(config: SweepConfig) -> str:
     return "epochs: " + "; ".join(f"{e} ({', '.join(ms)})" for e, ms in sorted(by_epochs.items())) + f" [budget={config.budget}]"
 
 
+def run_commits(store: ResultStore, config: SweepConfig) -> str:
+    """'abc1234 (n runs), ...': the commits that produced the finished runs this table reads (every
+    grid lr at the selecting seed, every seed at the selected lr), most runs first. A resumed sweep
+    mixes commits; the table's own commit says only which code wrote the report."""
+    counts: dict[str, int] = {}
+    for m in config.methods:
+        for a in config.archs:
+            for o in config.optimizers:
+                lr, _ = seed_results(store, config, m, a, o)
+                specs = {config.spec(m, a, o, x, config.seeds[0]) for x in config.lrs[o]}
+                specs |= {config.spec(m, a, o, lr, s) for s in config.seeds} if lr is not None else set()
+                for spec in specs:
+                    if store.done(spec):
+                        commit = str(store.read(spec).get("provenance", {}).get("commit") or "unknown")[:7]
+                        counts[commit] = counts.get(commit, 0) + 1
+    return ", ".join(f"{c} ({n} runs)" for c, n in sorted(counts.items(), key=lambda kv: -kv[1])) or "none finished"
+
+
 def table(store: ResultStore, config: SweepConfig, command: str, problems: list[str] | None = None) -> str:
     commit = commit_of_tree()
     lines = [
         f"# Table 1 on {config.dataset}: test accuracy (%) at the lr picked on validation, mean ± std over seeds",
         "",
         f"command: `{command}`  ",
-        f"commit {commit}; seeds {list(config.seeds)} (lr chosen at seed {config.seeds[0]}); {budget_line(config)}; batch {config.batch}; "
+        f"report written at commit {commit}; runs from commits {run_commits(store, config)}  ",
+        f"seeds {list(config.seeds)} (lr chosen at seed {config.seeds[0]}); {budget_line(config)}; batch {config.batch}; "
         f"MK copies init={config.mk_init}; "
         f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "",
