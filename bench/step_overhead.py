@@ -19,7 +19,11 @@ hits all alike; a ratio is the median over blocks of variant time / baseline tim
   (Adam/AdamW: 3e + 1 fp32 words each way; momentum SGD: 2e + 1), i.e. the fused design's floor: by
   default updated in place as the fused kernel does, with ``--fused-floor out-of-place`` one
   out-of-place ``torch.mul`` pass (~1.5x the DRAM traffic: write-allocate; see :class:`FusedTrafficFloor`).
-  Both floors are timed for p = dirichlet only (Adv-MK adds a second pass they do not model).
+- "fused floor + p": the fused floor plus the version-3 stream's p regenerated ``P_DRAWS`` = 3 times per
+  kernel element and step (with s = sqrt(sum_k p_k^2) formed and one N-sized multiply each), as the fused
+  design must: p_t for backward's s, p_t for the update, p_t+1 for the next W. Storing s instead of
+  regenerating it would save one draw for N floats of memory (see ``results/bench/README.md``).
+  The floors are timed for p = dirichlet only (Adv-MK adds a second pass they do not model).
 
 On CPU every configuration is timed in two fresh processes: with glibc's default malloc (what a user
 gets), which hands large freed blocks back to the kernel and page-faults them in again every step,
@@ -68,14 +72,15 @@ from torch import nn
 
 import mkopt
 from mkopt.experiments.models import mlp
+from mkopt.fused_step import scale_grad_op
 from mkopt.provenance import commit_of_tree
 
 # The ``path`` keyword is new; until the installed mkopt has it, MK is built without it (generic only).
 MK_HAS_PATH = "path" in inspect.signature(mkopt.MKOptimizer).parameters
 
-TIMED = ("base", "fused", "params", "generic", "floor", "fused-floor")  # column order; "base" first
+TIMED = ("base", "fused", "params", "generic", "floor", "fused-floor", "fused-floor-p")  # column order; "base" first
 MK_VARIANTS = ("fused", "params", "generic")
-LABELS = {"fused": "fused", "params": "params form", "generic": "generic", "floor": "floor", "fused-floor": "fused floor"}
+LABELS = {"fused": "fused", "params": "params form", "generic": "generic", "floor": "floor", "fused-floor": "fused floor", "fused-floor-p": "fused floor + p"}
 PARAMS_FORM = {"adam": "Adam", "adam-fused": "Adam", "adamw": "AdamW", "sgd": "SGD"}  # mkopt.optim's classes
 
 
@@ -210,6 +215,9 @@ class CopiesWithoutMixing:
         self.optimizer.step()
 
 
+P_DRAWS = 3  # p regenerations per step in the fused design: backward's s, the update's p_t, the next W's p_t+1
+
+
 def fused_update_words(kind: str, e: int) -> int:
     """fp32 words the fused MK update reads (and, as many, writes) per kernel element.
 
@@ -234,8 +242,9 @@ class FusedTrafficFloor:
     ``"in-place"``: what the fused kernel does with copies and state: ``state.mul_(1.0)`` over
     [words - 1, N], plus ``torch.mul(grad, 1.0, out=weight)`` over N (gradient in, next weight out)."""
 
-    def __init__(self, kind: str, model: nn.Module, e: int, traffic: str = "in-place") -> None:
+    def __init__(self, kind: str, model: nn.Module, e: int, traffic: str = "in-place", p_draws: int = 0) -> None:
         cls, kwargs = OPTIMIZERS[kind]
+        self.e, self.p_draws, self.draws_taken = e, p_draws, 0
         kernels = {id(w) for w in expandable(model)}
         numel = sum(w.numel() for w in model.parameters() if id(w) in kernels)
         others = [w for w in model.parameters() if id(w) not in kernels]
@@ -266,6 +275,11 @@ class FusedTrafficFloor:
         else:
             self.state.mul_(1.0)
             torch.mul(self.grad, 1.0, out=self.weight)
+        for _ in range(self.p_draws if self.e > 1 else 0):  # p of the v3 stream, with s and one N-sized pass
+            self.draws_taken += 1
+            grad = self.grad if self.traffic == "in-place" else self.src[0]
+            key = torch.tensor(self.draws_taken, dtype=torch.int64, device=grad.device)
+            scale_grad_op(grad, self.e, key, 0, False)
 
 
 def setup(config: Config, variant: str | bool, device: str):
@@ -278,8 +292,8 @@ def setup(config: Config, variant: str | bool, device: str):
         model = model.to(memory_format=torch.channels_last)
     if variant == "floor":
         opt = CopiesWithoutMixing(config.optimizer, model, config.e)
-    elif variant == "fused-floor":
-        opt = FusedTrafficFloor(config.optimizer, model, config.e, config.fused_floor)
+    elif variant in ("fused-floor", "fused-floor-p"):
+        opt = FusedTrafficFloor(config.optimizer, model, config.e, config.fused_floor, P_DRAWS if variant == "fused-floor-p" else 0)
     elif variant == "base":
         opt = build_optimizer(config.optimizer, model, None)
     elif variant == "params":
@@ -336,7 +350,7 @@ def time_ratio(config: Config, device: str, blocks: int, steps: int, block_secon
 
     Returns ``{"ms": {variant: ms}, "ratio": {variant: x}, "steps": steps per block, "notes": [...]}``;
     a variant that could not be built (the fused path, see :class:`FusedUnavailable`) is absent."""
-    wanted = ["base", *MK_VARIANTS] + (["floor", "fused-floor"] if config.mode == "dirichlet" else [])
+    wanted = ["base", *MK_VARIANTS] + (["floor", "fused-floor", "fused-floor-p"] if config.mode == "dirichlet" else [])
     runs, notes = {}, []
     for v in wanted:
         try:
@@ -617,7 +631,8 @@ def main() -> None:
         f"commit: {commit}, torch {torch.__version__}, device: {args.device} ({machine}), "
         f"{blocks} interleaved blocks x up to {steps} steps (about {args.block_seconds:g} s of baseline per block at most), median ratio  ",
         "variants: fused = MKOptimizer(path='fused') (**headline**), params form = mkopt.optim.<Adam|AdamW|SGD>(model.parameters(), e=e), generic = path='generic', floor = plain model + e - 1 "
-        f"stepped gradient copies, fused floor = plain model + streaming of the fused update's words ({args.fused_floor}); "
+        f"stepped gradient copies, fused floor = plain model + streaming of the fused update's words ({args.fused_floor}), "
+        f"+ p = also the v3 stream's p regenerated {P_DRAWS}x per element and step; "
         "live-tensor peak = most tensor bytes alive at once (build + 3 steps); RSS = earlier method, MK on mkopt's "
         "default path; met = MK fused (else generic) under the default malloc against the target",
         *(f"note: {n}  " for n in notes),
