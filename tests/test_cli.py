@@ -21,7 +21,7 @@ def test_help_text_has_no_raw_double_backticks(command, capsys):
 def test_table1_help_states_the_observed_runtime(capsys):
     with pytest.raises(SystemExit):
         main(["table1", "--help"])
-    assert "144 runs, 14 min wall with --workers 2" in " ".join(capsys.readouterr().out.split())
+    assert "144 runs, 7.5 min wall with --workers 2" in " ".join(capsys.readouterr().out.split())
 
 
 def test_torchs_cuda_home_notice_is_dropped_and_nothing_else(caplog):

@@ -3,8 +3,8 @@
 The quick version (default) runs A1 and A2, both optimizers, three learning rates (``1.5^i`` times
 the paper's base lr, i = 0, 2, 4; ``--lr-steps`` changes them) and two seeds with a short epoch
 budget (2 / 4 epochs, raised on small data sets so every run takes at least ``QUICK_MIN_STEPS``
-optimizer steps; 144 runs, 14 min wall with ``--workers 2`` on the 2-core CI-class machine, measured
-at commit 44d37f3 with other jobs on the machine); ``--full`` runs the paper's grid (A1-A3, ten
+optimizer steps; 144 runs, 7.5 min wall with ``--workers 2`` (the default) on the idle 2-core CI-class
+machine, measured at commit a8e7a0a); ``--full`` runs the paper's grid (A1-A3, ten
 learning rates, three seeds, 5 / 10 epochs; ~2 h 10 min estimated, see results/README.md). Budgets follow section 5.2 (``--budget short`` is the ablation with 5-epoch ensemble
 members, distilled and subset). After the sweep it warns when a selected lr sits at the edge of its
 grid (widen it with ``--lr-steps``) and when a cell ends near chance. Results go to ``--runs`` (one JSON per run; a
