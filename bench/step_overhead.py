@@ -71,8 +71,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import mkopt
-from mkopt.experiments.models import mlp
 from mkopt import native
+from mkopt.experiments.models import mlp
 from mkopt.fused_step import scale_grad_op
 from mkopt.provenance import commit_of_tree
 
@@ -276,12 +276,11 @@ class FusedTrafficFloor:
         else:
             self.state.mul_(1.0)
             torch.mul(self.grad, 1.0, out=self.weight)
+        grad, out = (self.grad, self.weight) if self.traffic == "in-place" else (self.src[0], self.dst[0])
         for _ in range(self.p_draws if self.e > 1 else 0):  # p of the v3 stream, with s and one N-sized pass
             self.draws_taken += 1
-            grad, out = (self.grad, self.weight) if self.traffic == "in-place" else (self.src[0], self.dst[0])
             if grad.device.type == "cpu":  # into a persistent buffer, as the fused kernels draw p without allocating
-                draw = native._function("scale_grad", grad.dtype)
-                draw(self.e, grad.numel(), 0, self.draws_taken, 0, grad.data_ptr(), out.data_ptr())
+                native.scale_grad(grad, self.e, self.draws_taken, 0, out=out)
             else:
                 scale_grad_op(grad, self.e, torch.tensor(self.draws_taken, device=grad.device), 0, False)
 

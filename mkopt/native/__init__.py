@@ -228,10 +228,13 @@ def mix_(copies: torch.Tensor, out: torch.Tensor, key: int, offset: int, uniform
     return out
 
 
-def scale_grad(grad: torch.Tensor, e: int, key: int, offset: int, uniform: bool = False) -> torch.Tensor:
-    """``sqrt(sum_k p_k^2) * grad`` in a new tensor (``grad`` made contiguous first)."""
+def scale_grad(grad: torch.Tensor, e: int, key: int, offset: int, uniform: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``sqrt(sum_k p_k^2) * grad`` in a new tensor, or in ``out`` (contiguous, like ``grad``; ``grad`` made contiguous first)."""
     grad = grad.contiguous()
-    out = torch.empty_like(grad)
+    if out is None:
+        out = torch.empty_like(grad)
+    elif not out.is_contiguous() or out.shape != grad.shape or out.dtype != grad.dtype:
+        raise ValueError(f"out must be a contiguous {grad.dtype} tensor of shape {tuple(grad.shape)}, got {out.dtype} {tuple(out.shape)}")
     _function("scale_grad", grad.dtype)(e, grad.numel(), offset, key & (2**64 - 1), int(uniform), grad.data_ptr(), out.data_ptr())
     return out
 
